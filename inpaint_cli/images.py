@@ -1,0 +1,239 @@
+"""Reading and writing images and masks: the one place that knows every odd file format.
+
+Every problem with an input file becomes `InpaintError("<name>: <problem>", exit_code=1)`, so
+batch jobs can print one warning line per bad file and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import secrets
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from inpaint_cli.errors import InpaintError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+)
+# Masks that live beside their images (LaMa style): `<stem>_mask.png`, `<stem>_mask001.png`.
+MASK_NAME_RE = re.compile(r"^(?P<stem>.+)_mask[^/\\]*\.png$", re.IGNORECASE)
+
+# Only plain raster formats: Pillow's EPS plugin runs Ghostscript, and rarer plugins are more
+# attack surface than any user needs for photos.
+SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# Modes image_to_rgb_uint8 handles; anything else is converted (or refused) while decoding.
+_KNOWN_MODES = frozenset(
+    {"1", "L", "P", "RGB", "RGBA", "LA", "La", "PA", "RGBa", "CMYK", "I", "F"}
+    | {"I;16", "I;16B", "I;16L", "I;16N"}
+)
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _fail(name: str, problem: str) -> InpaintError:
+    # Control characters in a file name would break the promise of a one-line message.
+    safe_name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    first_line = problem.strip().splitlines()[0] if problem.strip() else "unknown problem"
+    return InpaintError(f"{safe_name}: {first_line}", exit_code=1)
+
+
+def _refuse_bombs(img: Image.Image, name: str) -> None:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a long unattended job must not
+    # allocate gigabytes for one hostile file, so refuse everything above the limit.
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise _fail(
+            name, f"{width}x{height} pixels is above the limit of {limit} (decompression bomb?)"
+        )
+
+
+def _to_srgb(img: Image.Image) -> Image.Image:
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return img
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(img, source, _SRGB, outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        # A broken or mismatched profile is common in the wild; the pixels are still usable.
+        return img
+    converted.info = {k: v for k, v in img.info.items() if k != "icc_profile"}
+    return converted
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode image bytes fully: EXIF orientation applied, ICC profile converted to sRGB.
+
+    Refuses empty data, non-images, truncated or corrupt files and decompression bombs
+    (anything above `PIL.Image.MAX_IMAGE_PIXELS`, including Pillow's warn-only range).
+    """
+    if not data:
+        raise _fail(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+            _refuse_bombs(img, name)
+            img.load()
+    except InpaintError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise _fail(name, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise _fail(name, f"refused as a decompression bomb ({error})") from None
+    except MemoryError:
+        raise _fail(name, "image too large to decode") from None
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise _fail(name, f"corrupt or truncated image ({error})") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise _fail(name, f"image has no pixels ({width}x{height})")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        pass
+    img = _to_srgb(img)
+    if img.mode not in _KNOWN_MODES:
+        try:
+            img = img.convert("RGBA" if "A" in img.mode else "RGB")
+        except (ValueError, OSError):
+            raise _fail(name, f"unsupported image mode {img.mode}") from None
+    return img
+
+
+def load_image(path: Path) -> Image.Image:
+    """Read and decode an image file (see decode_image)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise _fail(str(path), "is a folder, not an image file") from None
+    except OSError as error:
+        raise _fail(str(path), f"cannot read ({error.strerror or error})") from None
+    return decode_image(data, str(path))
+
+
+def _scale_to_uint8(values: np.ndarray, full_scale: float) -> np.ndarray:
+    scaled = np.clip(values.astype(np.float64), 0.0, full_scale) * (255.0 / full_scale)
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _grey_or_rgb_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def image_to_rgb_uint8(
+    img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
+    """HxWx3 uint8 RGB: 16/32-bit scaled (not clipped), alpha flattened onto `background`."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit sources load as I;16* or I; both hold 0..65535 at full scale.
+        return _grey_or_rgb_to_rgb(_scale_to_uint8(np.asarray(img), 65535.0))
+    if mode == "F":
+        pixels = np.asarray(img, dtype=np.float64)
+        full_scale = 1.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else 255.0
+        return _grey_or_rgb_to_rgb(_scale_to_uint8(np.nan_to_num(pixels), full_scale))
+    has_alpha = "A" in mode or "a" in mode or "transparency" in img.info
+    if not has_alpha:
+        rgb = img if mode == "RGB" else img.convert("RGB")
+        return np.array(rgb, dtype=np.uint8)
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[:, :, 3:4] / 255.0
+    fill = np.asarray(background, dtype=np.float32).reshape(1, 1, 3)
+    flat = rgba[:, :, :3] * alpha + fill * (1.0 - alpha)
+    return np.rint(flat).astype(np.uint8)
+
+
+def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
+    """Bool HxW hole mask (True = hole): greyscale >= 128. `size` is the image's (width, height).
+
+    A mask of another size is an error unless `resize`, then it is resized nearest-neighbour.
+    Transparent mask pixels count as black (not a hole).
+    """
+    path = Path(path)
+    img = load_image(path)
+    grey = Image.fromarray(image_to_rgb_uint8(img, background=(0, 0, 0))).convert("L")
+    if size is not None and grey.size != tuple(size):
+        if not resize:
+            raise _fail(
+                str(path),
+                f"mask is {grey.width}x{grey.height} but the image is {size[0]}x{size[1]} "
+                "(use --resize-masks to resize it)",
+            )
+        grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(grey) >= 128
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under `root` (recursive, sorted), leaving out hidden and `*_mask*.png` files.
+
+    A file given directly is returned as is. A missing path is a usage error (exit code 2).
+    """
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise InpaintError(f"{root}: no such file or folder", exit_code=2)
+    found = [
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and not MASK_NAME_RE.match(path.name)
+        and not _is_hidden(path.relative_to(root))
+        and path.is_file()
+    ]
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never part.
+
+    The bytes go to a temporary file in the same folder (fsynced), then os.replace; on any
+    failure the temporary file is removed and an InpaintError names `path`.
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        problem = f"cannot write ({error.strerror or error})"
+        raise InpaintError(f"{path}: {problem}", exit_code=1) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """Encode an image as PNG bytes."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png_atomic(img: Image.Image, path: Path) -> None:
+    """Save an image as PNG atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, png_bytes(img))
