@@ -1,0 +1,289 @@
+"""The `inpaint` command line: thin Typer commands over library functions.
+
+Nothing heavy is imported at module level: `inpaint --help` must not import torch,
+transformers or datasets. Each command imports its job module inside its body.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from inpaint_cli.errors import InpaintError
+
+app = typer.Typer(
+    name="inpaint",
+    help="Fill holes in images with a hierarchical VAE, optionally guided by a caption.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _call(job: Callable[[], Any]) -> Any:
+    """Run a job; report an InpaintError as one line on stderr and exit with its code."""
+    try:
+        return job()
+    except InpaintError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def shards(
+    src: Path = typer.Argument(..., help="Image folder, saved HF dataset, or parquet file/folder."),
+    out: Path = typer.Argument(..., help="Output folder for the tar shards."),
+    splits: str = typer.Option(
+        "train=1.0", help="Named split fractions, e.g. train=0.9,val=0.05,test=0.05."
+    ),
+    split_by: Optional[str] = typer.Option(
+        None, help="Metadata column that keeps a group in one split (default: the file stem)."
+    ),
+    max_count: int = typer.Option(1000, min=1, help="Most samples per shard."),
+    max_size: int = typer.Option(1 << 30, min=1, help="Most bytes per shard."),
+    image_column: str = typer.Option("image", help="Image column of an HF dataset or parquet."),
+    text_column: str = typer.Option("text", help="Caption column of an HF dataset or parquet."),
+    embed_captions: bool = typer.Option(
+        False, help="Also store each caption's embedding (default text encoder) in the shard."
+    ),
+    text_encoder: Optional[str] = typer.Option(
+        None, help="With --embed-captions: local path of a transformers text encoder."
+    ),
+) -> None:
+    """Pack an image folder (captions from metadata.jsonl/csv, sidecar .txt, or none) into
+    webdataset tar shards, split by a hash of a grouping column.
+
+    Example: `inpaint shards photos/ shards/ --splits train=0.9,val=0.05,test=0.05`
+    """
+    from inpaint_cli.shards import write_shards
+
+    _call(
+        lambda: write_shards(
+            src,
+            out,
+            splits=splits,
+            split_by=split_by,
+            max_count=max_count,
+            max_size=max_size,
+            image_column=image_column,
+            text_column=text_column,
+            embed_captions=embed_captions,
+            text_encoder=text_encoder,
+        )
+    )
+
+
+@app.command()
+def masks(
+    images: Path = typer.Argument(..., help="Image file or folder (recursive)."),
+    out: Path = typer.Argument(..., help="Folder for the masks: one PNG per image, same stem."),
+    kind: str = typer.Option("center", help="center, box or stroke."),
+    hole_area: str = typer.Option("0.1-0.5", help="Hole area range for box and stroke."),
+    seed: int = typer.Option(0, help="Random seed."),
+    overwrite: bool = typer.Option(False, help="Replace existing masks."),
+) -> None:
+    """Write one mask per image (white = hole, same size) to try `inpaint run` on your folder.
+
+    Example: `inpaint masks photos/ masks/ --kind stroke --seed 1`
+    """
+    from inpaint_cli.masks import write_masks
+
+    _call(
+        lambda: write_masks(
+            images, out, kind=kind, hole_area=hole_area, seed=seed, overwrite=overwrite
+        )
+    )
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    data: str = typer.Option(..., help="Training shards: brace pattern, list, or pipe: URL."),
+    val_data: Optional[str] = typer.Option(None, help="Validation shards."),
+    out: Path = typer.Option(..., help="Run folder (checkpoints, logs, config)."),
+    preset: str = typer.Option("small", help="Model preset: tiny, small or base."),
+    steps: int = typer.Option(10000, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(32, min=1, help="Batch size per process."),
+    grad_accum: int = typer.Option(1, min=1, help="Gradient accumulation steps."),
+    lr: float = typer.Option(2e-4, min=0.0, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(500, min=0, help="Linear warm-up, then cosine decay."),
+    seed: int = typer.Option(0, help="Seed for weights, data order and masks."),
+    mask_kinds: str = typer.Option("center,box,stroke", help="Hole kinds drawn for training."),
+    hole_area: str = typer.Option("0.1-0.5", help="Hole area range (fraction of the image)."),
+    val_every: int = typer.Option(500, min=1, help="Validate every V steps."),
+    val_samples: int = typer.Option(256, min=1, help="Validation images per validation."),
+    checkpoint_every: int = typer.Option(500, min=1, help="Checkpoint every K steps."),
+    checkpoint_minutes: float = typer.Option(
+        10.0, min=0.0, help="Also checkpoint when this many minutes passed since the last one."
+    ),
+    keep_last: int = typer.Option(3, min=1, help="Checkpoints kept (plus the best)."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (fp16 needs a GPU)."),
+    captions: bool = typer.Option(True, help="Train with caption conditioning."),
+    caption_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="Caption dropout rate."),
+    text_encoder: Optional[str] = typer.Option(None, help="Local path of a text encoder."),
+    num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
+    background: str = typer.Option("white", help="Alpha background: white or random."),
+    resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint."),
+) -> None:
+    """Train the hierarchical VAE on webdataset shards with Accelerate.
+
+    The same command runs on CPU, one GPU, or many under `accelerate launch`.
+
+    Example: `inpaint train --data 'shards/train-{000000..000009}.tar' --val-data
+    'shards/val-000000.tar' --out runs/emoji --preset small --steps 20000 --mixed-precision bf16`
+    """
+    from inpaint_cli.train import TrainConfig, train as run_training
+
+    config = TrainConfig(
+        data=data,
+        val_data=val_data,
+        out=str(out),
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seed=seed,
+        mask_kinds=mask_kinds,
+        hole_area=hole_area,
+        val_every=val_every,
+        val_samples=val_samples,
+        checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
+        keep_last=keep_last,
+        mixed_precision=mixed_precision,
+        captions=captions,
+        caption_dropout=caption_dropout,
+        text_encoder=text_encoder,
+        num_workers=num_workers,
+        background=background,
+        resume=resume,
+        command_line=list(sys.argv),
+    )
+    _call(lambda: run_training(config))
+
+
+@app.command()
+def run(
+    images: Path = typer.Argument(..., help="Image file or folder (recursive)."),
+    masks: Path = typer.Option(..., help="Mask folder (same stem or <stem>_mask*.png) or file."),
+    out: Path = typer.Option(..., help="Output folder."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: bundled model)."),
+    samples: int = typer.Option(1, min=1, help="Completions per image."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Prior temperature."),
+    seed: int = typer.Option(0, help="Random seed."),
+    batch_size: int = typer.Option(16, min=1, help="Windows per model call."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    caption: Optional[str] = typer.Option(None, help="One caption for every image."),
+    caption_file: Optional[Path] = typer.Option(None, help="metadata.jsonl or CSV captions."),
+    resize_masks: bool = typer.Option(False, help="Resize masks of another size (nearest)."),
+    dilate: int = typer.Option(0, min=0, help="Grow holes by this many pixels."),
+    overwrite: bool = typer.Option(False, help="Redo existing outputs."),
+    save_mask_overlay: bool = typer.Option(False, help="Write <stem>_overlay.png."),
+    save_uncertainty: bool = typer.Option(False, help="Write <stem>_uncertainty.png."),
+    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet to this PNG."),
+    strict: bool = typer.Option(False, help="Stop at the first failure."),
+    dry_run: bool = typer.Option(False, help="List what would be done, do nothing."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    num_workers: int = typer.Option(2, min=0, help="Image decoding/encoding workers."),
+) -> None:
+    """Fill every hole in a folder of images, in batches, resumably.
+
+    Example: `inpaint run photos/ --masks masks/ --out filled/ --samples 4 --grid grid.png`
+    """
+    from inpaint_cli.run import RunOptions, run_folder
+
+    options = RunOptions(
+        images=images,
+        masks=masks,
+        out=out,
+        model=model,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        caption=caption,
+        caption_file=caption_file,
+        resize_masks=resize_masks,
+        dilate=dilate,
+        overwrite=overwrite,
+        save_mask_overlay=save_mask_overlay,
+        save_uncertainty=save_uncertainty,
+        grid=grid,
+        strict=strict,
+        dry_run=dry_run,
+        json_summary=json_summary,
+        num_workers=num_workers,
+    )
+    summary = _call(lambda: run_folder(options))
+    if summary is not None and summary.get("failed", 0):
+        raise typer.Exit(1)
+
+
+@app.command(name="eval")
+def evaluate(
+    data: str = typer.Option(..., help="Shards (pattern) or an image folder."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: bundled model)."),
+    masks: str = typer.Option("center", help="center, box, stroke or a mask folder."),
+    samples: int = typer.Option(8, min=1, help="Samples per image (K)."),
+    baselines: bool = typer.Option(False, help="Also score classical fills."),
+    caption_ablation: bool = typer.Option(False, help="Hole NLL with true/empty/shuffled captions."),
+    out: Path = typer.Option(Path("report"), help="Report folder."),
+    limit: int = typer.Option(0, min=0, help="Score at most this many images (0: all)."),
+    batch_size: int = typer.Option(32, min=1, help="Batch size."),
+    seed: int = typer.Option(0, help="Random seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    text_encoder: Optional[str] = typer.Option(None, help="Local path of a text encoder."),
+) -> None:
+    """Score a model (hole NLL, PSNR, SSIM, L1, diversity) against classical baselines.
+
+    Example: `inpaint eval --data 'shards/test-{000000..000001}.tar' --masks center
+    --samples 8 --baselines --caption-ablation --out report/`
+    """
+    from inpaint_cli.evaluate import EvalOptions, evaluate as run_eval
+
+    options = EvalOptions(
+        data=data,
+        model=model,
+        masks=masks,
+        samples=samples,
+        baselines=baselines,
+        caption_ablation=caption_ablation,
+        out=out,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        text_encoder=text_encoder,
+    )
+    _call(lambda: run_eval(options))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `inpaint train`."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the plots (default: run/plots)."),
+) -> None:
+    """Plot a training run: loss and per-layer KL, train vs validation, and sample grids.
+
+    Example: `inpaint report runs/emoji`
+    """
+    from inpaint_cli.report import write_report
+
+    _call(lambda: write_report(run_dir, out))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

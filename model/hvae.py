@@ -1,0 +1,704 @@
+"""A hierarchical VAE for inpainting, in one file.
+
+Shape of the model (see ../shared/design-notes.md and the original ift6266 project):
+
+- One bottom-up encoder with shared weights reads the observed image (hole blanked, plus the mask
+  channel: the prior path) and the full image (plus the mask: the posterior path), and returns a
+  feature map per resolution (e.g. 64, 32, 16, 8, 4, 1).
+- A top-down decoder walks the resolutions from 1x1 up. At each resolution it joins the observed
+  encoder features (so colours agree at the hole's border) and runs its latent groups: a
+  conditional prior p(z_l | z_>l, observed) and a posterior q(z_l | z_>l, full, observed), both
+  diagonal Gaussians; the sampled z_l is projected back into the decoder state.
+- Output: a discretised logistic (or Gaussian) mixture per pixel over 8-bit values, whose means
+  start from a mask-aware pyramid fill of the observed pixels, so an untrained model already
+  behaves like a smooth classical fill and training only has to learn the residual.
+- Loss: bits per hole dimension = hole reconstruction NLL + sum of per-layer KL (negative ELBO).
+- A caption embedding (from any text encoder) conditions the top latent group (or every group).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LN2 = math.log(2.0)
+
+
+@dataclass
+class HVAEConfig:
+    """Everything needed to rebuild the model; saved as JSON beside the weights."""
+
+    resolution: int = 64
+    # channels of the encoder and decoder at each resolution, from `resolution` down to 1
+    widths: dict[int, int] = field(
+        default_factory=lambda: {64: 32, 32: 64, 16: 96, 8: 128, 4: 128, 1: 128}
+    )
+    encoder_blocks: dict[int, int] = field(
+        default_factory=lambda: {64: 1, 32: 2, 16: 2, 8: 2, 4: 2, 1: 1}
+    )
+    latent_groups: dict[int, int] = field(default_factory=lambda: {1: 1, 4: 2, 8: 2, 16: 2, 32: 1})
+    z_channels: int = 16
+    bottleneck: float = 0.25
+    num_mixtures: int = 5
+    pixel_distribution: str = "logistic"  # "logistic" (VDVAE) or "gaussian" (original project)
+    norm: str = "none"  # "none" (VDVAE-style scaled init), "group" or "batch"
+    caption_dim: int = 0  # 0: no text path at all
+    condition_all_layers: bool = False
+    text_encoder: dict[str, Any] | None = None  # {"name", "dim", "weights_hash"}
+
+    def __post_init__(self) -> None:
+        # JSON turns int keys into strings; accept both so a round trip is exact
+        for name in ("widths", "encoder_blocks", "latent_groups"):
+            setattr(self, name, {int(k): int(v) for k, v in getattr(self, name).items()})
+        self.validate()
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Resolutions from full size down to 1: 64, 32, 16, 8, 4, 1."""
+        sizes, size = [], self.resolution
+        while size >= 4:
+            sizes.append(size)
+            size //= 2
+        return sizes + [1]
+
+    def validate(self) -> None:
+        """Refuse configs that would build a broken model (config files are untrusted input)."""
+        r = self.resolution
+        if not (isinstance(r, int) and 8 <= r <= 1024 and r & (r - 1) == 0):
+            raise ValueError(f"resolution must be a power of two in 8..1024, got {r!r}")
+        for name in ("widths", "encoder_blocks"):
+            table = getattr(self, name)
+            missing = [s for s in self.resolutions if s not in table]
+            if missing:
+                raise ValueError(f"{name} lacks resolutions {missing}")
+        if any(not 1 <= w <= 4096 for w in self.widths.values()):
+            raise ValueError("widths must be in 1..4096")
+        if any(not 0 <= b <= 64 for b in self.encoder_blocks.values()):
+            raise ValueError("encoder_blocks must be in 0..64")
+        bad = [s for s in self.latent_groups if s not in self.resolutions or s == r]
+        if bad or not any(self.latent_groups.values()):
+            raise ValueError(f"latent_groups needs resolutions below {r} from {self.resolutions}")
+        if any(not 0 <= n <= 64 for n in self.latent_groups.values()):
+            raise ValueError("latent_groups counts must be in 0..64")
+        if not 1 <= self.z_channels <= 1024:
+            raise ValueError("z_channels must be in 1..1024")
+        if not 0.0 < self.bottleneck <= 4.0:
+            raise ValueError("bottleneck must be in (0, 4]")
+        if not 1 <= self.num_mixtures <= 64:
+            raise ValueError("num_mixtures must be in 1..64")
+        if self.pixel_distribution not in ("logistic", "gaussian"):
+            raise ValueError("pixel_distribution must be 'logistic' or 'gaussian'")
+        if self.norm not in ("none", "group", "batch"):
+            raise ValueError("norm must be 'none', 'group' or 'batch'")
+        if not 0 <= self.caption_dim <= 65536:
+            raise ValueError("caption_dim must be in 0..65536")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HVAEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**data)
+
+
+PRESETS: dict[str, HVAEConfig] = {
+    # seconds on a CPU: for tests
+    "tiny": HVAEConfig(
+        resolution=16,
+        widths={16: 16, 8: 16, 4: 16, 1: 16},
+        encoder_blocks={16: 1, 8: 1, 4: 1, 1: 1},
+        latent_groups={1: 1, 4: 1, 8: 1},
+        z_channels=4,
+        num_mixtures=2,
+    ),
+    # the default model: trainable on 2 CPU cores in hours
+    "small": HVAEConfig(),
+    # for a GPU
+    "base": HVAEConfig(
+        widths={64: 64, 32: 128, 16: 256, 8: 384, 4: 384, 1: 384},
+        encoder_blocks={64: 2, 32: 3, 16: 4, 8: 4, 4: 3, 1: 2},
+        latent_groups={1: 2, 4: 4, 8: 6, 16: 6, 32: 3},
+        z_channels=32,
+        num_mixtures=10,
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> HVAEConfig:
+    """A fresh copy of a preset, with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+    data = asdict(PRESETS[name])
+    data.update(overrides)
+    return HVAEConfig.from_dict(data)
+
+
+def default_model_path() -> Path:
+    """The bundled default model shipped inside the package."""
+    return Path(__file__).resolve().parent / "default"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+class Block(nn.Module):
+    """VDVAE's bottleneck block: 1x1 in, two 3x3 (1x1 at tiny sizes), 1x1 out, GELUs between."""
+
+    def __init__(
+        self, c_in: int, c_mid: int, c_out: int, spatial: bool, norm: str, residual: bool
+    ) -> None:
+        super().__init__()
+        k = 3 if spatial else 1
+        self.norm = _norm(norm, c_in)
+        self.c1 = nn.Conv2d(c_in, c_mid, 1)
+        self.c2 = nn.Conv2d(c_mid, c_mid, k, padding=k // 2)
+        self.c3 = nn.Conv2d(c_mid, c_mid, k, padding=k // 2)
+        self.c4 = nn.Conv2d(c_mid, c_out, 1)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(F.gelu(self.norm(x)))
+        h = self.c2(F.gelu(h))
+        h = self.c3(F.gelu(h))
+        h = self.c4(F.gelu(h))
+        return x + h if self.residual else h
+
+
+def _scale_last_conv(block: Block, scale: float) -> None:
+    # VDVAE: shrink each residual branch's output so the sum of many blocks starts near identity
+    with torch.no_grad():
+        block.c4.weight.mul_(scale)
+
+
+def _mid(config: HVAEConfig, width: int) -> int:
+    return max(4, int(width * config.bottleneck))
+
+
+class Encoder(nn.Module):
+    """Bottom-up feature pyramid, shared by the prior (observed) and posterior (full) paths."""
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        res = config.resolutions
+        self.resolutions = res
+        self.stem = nn.Conv2d(4, config.widths[res[0]], 3, padding=1)
+        total = sum(config.encoder_blocks.values()) or 1
+        self.stages = nn.ModuleDict()
+        self.transitions = nn.ModuleDict()
+        for i, size in enumerate(res):
+            width = config.widths[size]
+            blocks = [
+                Block(width, _mid(config, width), width, size > 2, config.norm, True)
+                for _ in range(config.encoder_blocks[size])
+            ]
+            for block in blocks:
+                _scale_last_conv(block, math.sqrt(1.0 / total))
+            self.stages[str(size)] = nn.Sequential(*blocks)
+            if i + 1 < len(res):
+                self.transitions[str(size)] = nn.Conv2d(width, config.widths[res[i + 1]], 1)
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        features: dict[int, torch.Tensor] = {}
+        h = self.stem(x)
+        for i, size in enumerate(self.resolutions):
+            h = self.stages[str(size)](h)
+            features[size] = h
+            if i + 1 < len(self.resolutions):
+                nxt = self.resolutions[i + 1]
+                h = F.adaptive_avg_pool2d(h, nxt) if nxt == 1 else F.avg_pool2d(h, 2)
+                h = self.transitions[str(size)](h)
+        return features
+
+
+def _soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    # keeps log-scales finite without killing their gradient the way a hard clamp would
+    return limit * torch.tanh(x / limit)
+
+
+def gaussian_kl(
+    mu_q: torch.Tensor, logs_q: torch.Tensor, mu_p: torch.Tensor, logs_p: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise KL(N(mu_q, e^logs_q) || N(mu_p, e^logs_p)) in nats."""
+    return (
+        logs_p
+        - logs_q
+        + 0.5 * (torch.exp(2 * logs_q) + (mu_q - mu_p) ** 2) * torch.exp(-2 * logs_p)
+        - 0.5
+    )
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((z - mu) * torch.exp(-logs)) ** 2 - logs - 0.5 * math.log(2 * math.pi)
+
+
+class LatentGroup(nn.Module):
+    """One top-down latent layer: conditional prior, posterior, and the write-back of z."""
+
+    def __init__(self, config: HVAEConfig, size: int, n_groups: int, captioned: bool) -> None:
+        super().__init__()
+        width, zc = config.widths[size], config.z_channels
+        mid, spatial = _mid(config, width), size > 2
+        self.z_channels = zc
+        self.prior = Block(2 * width, mid, 2 * zc + width, spatial, config.norm, False)
+        self.posterior = Block(3 * width, mid, 2 * zc, spatial, config.norm, False)
+        self.z_proj = nn.Conv2d(zc, width, 1)
+        self.resnet = Block(width, mid, width, spatial, config.norm, True)
+        self.caption_proj = nn.Linear(config.caption_dim, width) if captioned else None
+        # the prior starts as N(0, 1) and each group's writes start small (VDVAE's init)
+        with torch.no_grad():
+            self.prior.c4.weight.mul_(0.0)
+            self.prior.c4.bias.zero_()
+        scale = math.sqrt(1.0 / max(1, n_groups))
+        with torch.no_grad():
+            self.z_proj.weight.mul_(scale)
+        _scale_last_conv(self.resnet, scale)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        observed: torch.Tensor,
+        full: torch.Tensor | None,
+        caption: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        temperature: float,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.caption_proj is not None and caption is not None:
+            h = h + self.caption_proj(caption)[:, :, None, None]
+        prior_out = self.prior(torch.cat([h, observed], 1))
+        zc = self.z_channels
+        mu_p, logs_p = prior_out[:, :zc], _soft_clamp(prior_out[:, zc : 2 * zc], 7.0)
+        h = h + prior_out[:, 2 * zc :]
+        stats: dict[str, torch.Tensor] = {}
+        if full is not None:  # training / scoring: sample from the posterior
+            post = self.posterior(torch.cat([h, full, observed], 1))
+            mu_q, logs_q = post[:, :zc], _soft_clamp(post[:, zc:], 7.0)
+            eps = torch.randn_like(mu_q) if noise is None else noise
+            z = mu_q + torch.exp(logs_q) * eps
+            mu_p32, logs_p32 = mu_p.float(), logs_p.float()
+            mu_q32, logs_q32, z32 = mu_q.float(), logs_q.float(), z.float()
+            stats["kl"] = gaussian_kl(mu_q32, logs_q32, mu_p32, logs_p32).flatten(1).sum(1)
+            stats["log_q_minus_log_p"] = (
+                (
+                    gaussian_log_prob(z32, mu_q32, logs_q32)
+                    - gaussian_log_prob(z32, mu_p32, logs_p32)
+                )
+                .flatten(1)
+                .sum(1)
+            )
+        else:  # inference: sample from the conditional prior
+            eps = torch.randn_like(mu_p) if noise is None else noise.to(mu_p.dtype)
+            z = mu_p + torch.exp(logs_p) * eps * temperature
+        h = h + self.z_proj(z)
+        return self.resnet(h), stats
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def pyramid_fill(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Fill the hole smoothly from the known pixels (push-pull over an image pyramid).
+
+    image (B,C,H,W), hole (B,1,H,W) with 1 = hole. Known pixels are returned unchanged. A cheap,
+    classical fill: the decoder predicts a residual on top of it.
+    """
+    known = 1.0 - hole
+    colours, weights = [image * known], [known]
+    while colours[-1].shape[-1] > 1 or colours[-1].shape[-2] > 1:
+        c, w = colours[-1], weights[-1]
+        pooled_w = F.adaptive_avg_pool2d(w, (max(1, w.shape[-2] // 2), max(1, w.shape[-1] // 2)))
+        pooled_c = F.adaptive_avg_pool2d(c, pooled_w.shape[-2:])
+        colours.append(pooled_c)
+        weights.append(pooled_w)
+    # the coarsest level: the mean known colour (zero, i.e. grey, when nothing is known)
+    filled = colours[-1] / weights[-1].clamp_min(1e-8)
+    for c, w in zip(reversed(colours[:-1]), reversed(weights[:-1]), strict=True):
+        up = F.interpolate(filled, size=c.shape[-2:], mode="bilinear", align_corners=False)
+        mean = c / w.clamp_min(1e-8)
+        filled = torch.where(w > 0, w * mean + (1 - w) * up, up)
+    return image * known + filled * hole
+
+
+class PixelMixture(nn.Module):
+    """Discretised logistic / Gaussian mixture over 8-bit RGB with PixelCNN++'s channel coupling."""
+
+    def __init__(self, config: HVAEConfig, width: int) -> None:
+        super().__init__()
+        self.m = config.num_mixtures
+        self.gaussian = config.pixel_distribution == "gaussian"
+        self.head = nn.Conv2d(width, 10 * self.m, 1)
+        # start with narrow components around the pyramid fill (scale ~ 10 grey levels) rather
+        # than a near-uniform distribution: the first thousand updates are then not wasted
+        with torch.no_grad():
+            self.head.bias[4 * self.m : 7 * self.m].fill_(-2.5)
+
+    def params(self, h: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.head(h).float()
+        b, _, hh, ww = out.shape
+        m = self.m
+        logits = out[:, :m]
+        rest = out[:, m:].reshape(b, 9, m, hh, ww)
+        means = base.float()[:, :, None] + rest[:, 0:3]
+        return {
+            "logits": logits,
+            "means": means,
+            "log_scales": _soft_clamp(rest[:, 3:6], 7.0).clamp_min(-7.0),
+            "coeffs": torch.tanh(rest[:, 6:9]),
+        }
+
+    def _log_cdf(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.special.log_ndtr(t) if self.gaussian else F.logsigmoid(t)
+
+    def _log_pdf(self, t: torch.Tensor) -> torch.Tensor:
+        if self.gaussian:
+            return -0.5 * t * t - 0.5 * math.log(2 * math.pi)
+        return t - 2 * F.softplus(t)
+
+    def log_prob(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x) per pixel (B,H,W), x in [-1,1] on the 256-level grid."""
+        x = x.float()[:, :, None]  # (B,3,1,H,W)
+        means, log_scales, coeffs = p["means"], p["log_scales"], p["coeffs"]
+        r, g = x[:, 0], x[:, 1]
+        mean_g = means[:, 1] + coeffs[:, 0] * r
+        mean_b = means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g
+        means = torch.stack([means[:, 0], mean_g, mean_b], 1)
+        centred = x - means
+        inv_s = torch.exp(-log_scales)
+        plus, minus = inv_s * (centred + 1 / 255), inv_s * (centred - 1 / 255)
+        log_cdf_plus = self._log_cdf(plus)  # used at the lowest level
+        log_sf_minus = self._log_cdf(-minus)  # used at the highest level
+        # log(cdf(plus) - cdf(minus)), stable: log_cdf_plus + log(1 - exp(log_cdf_minus - ...))
+        log_cdf_minus = self._log_cdf(minus)
+        gap = (log_cdf_minus - log_cdf_plus).clamp_max(-1e-6)
+        log_delta = log_cdf_plus + torch.log(-torch.expm1(gap))
+        # far in a tail both cdfs round to the same value: use the density times the bin width
+        log_mid = self._log_pdf(inv_s * centred) - log_scales - math.log(127.5)
+        log_bin = torch.where(gap > -1e-5, log_mid, log_delta)
+        log_probs = torch.where(
+            x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_sf_minus, log_bin)
+        )
+        log_probs = log_probs.sum(1) + F.log_softmax(p["logits"], 1)  # (B,M,H,W)
+        return torch.logsumexp(log_probs, 1)
+
+    def mean(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mixture's expected colour, channel by channel (B,3,H,W) in [-1,1]."""
+        w = torch.softmax(p["logits"], 1)
+        means, coeffs = p["means"], p["coeffs"]
+        r = (w * means[:, 0]).sum(1, keepdim=True).clamp(-1, 1)
+        g = (w * (means[:, 1] + coeffs[:, 0] * r)).sum(1, keepdim=True).clamp(-1, 1)
+        b = (w * (means[:, 2] + coeffs[:, 1] * r + coeffs[:, 2] * g)).sum(1, keepdim=True)
+        return torch.cat([r, g, b.clamp(-1, 1)], 1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class HVAE(nn.Module):
+    """Hierarchical VAE that fills the holes of an image, conditioned on the known pixels."""
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        res = config.resolutions
+        self.encoder = Encoder(config)
+        top = res[-1]
+        self.top_state = nn.Parameter(torch.zeros(1, config.widths[top], 1, 1))
+        n_groups = sum(config.latent_groups.values())
+        self.skips = nn.ModuleDict()
+        self.upsamples = nn.ModuleDict()
+        self.groups = nn.ModuleDict()
+        first_group = True
+        for i, size in enumerate(reversed(res)):
+            width = config.widths[size]
+            self.skips[str(size)] = nn.Conv2d(width, width, 1)
+            if i > 0:
+                self.upsamples[str(size)] = nn.Conv2d(
+                    config.widths[list(reversed(res))[i - 1]], width, 1
+                )
+            layer_groups = nn.ModuleList()
+            for _ in range(config.latent_groups.get(size, 0)):
+                captioned = config.caption_dim > 0 and (first_group or config.condition_all_layers)
+                layer_groups.append(LatentGroup(config, size, n_groups, captioned))
+                first_group = False
+            self.groups[str(size)] = layer_groups
+        self.out_block = Block(
+            config.widths[res[0]],
+            _mid(config, config.widths[res[0]]),
+            config.widths[res[0]],
+            True,
+            config.norm,
+            True,
+        )
+        self.pixels = PixelMixture(config, config.widths[res[0]])
+        if config.caption_dim > 0:
+            # learned "no caption": dropout mixes it in per sample, so it is always on the graph
+            self.empty_caption = nn.Parameter(torch.zeros(config.caption_dim))
+
+    @property
+    def num_latent_layers(self) -> int:
+        return sum(self.config.latent_groups.values())
+
+    # --- helpers
+
+    @staticmethod
+    def _observed(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        return torch.cat([image * (1 - hole), hole], 1)
+
+    def _caption(
+        self,
+        batch: int,
+        embedding: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        ref: torch.Tensor,
+    ) -> torch.Tensor | None:
+        if self.config.caption_dim == 0:
+            return None
+        empty = self.empty_caption.to(ref.dtype)[None].expand(batch, -1)
+        if embedding is None:
+            # multiplying by zero keeps the dropout path identical (and every parameter used)
+            return empty
+        embedding = embedding.to(device=ref.device, dtype=ref.dtype)
+        if embedding.shape != empty.shape:
+            raise ValueError(
+                f"caption embedding has shape {tuple(embedding.shape)}, model expects "
+                f"{tuple(empty.shape)}"
+            )
+        k = torch.ones(batch, device=ref.device, dtype=ref.dtype) if keep is None else keep
+        k = k.to(device=ref.device, dtype=ref.dtype)[:, None]
+        return k * embedding + (1 - k) * empty
+
+    def _decode(
+        self,
+        observed: dict[int, torch.Tensor],
+        full: dict[int, torch.Tensor] | None,
+        caption: torch.Tensor | None,
+        noises: list[torch.Tensor] | None = None,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        res = list(reversed(self.config.resolutions))
+        batch = observed[res[0]].shape[0]
+        h = self.top_state.expand(batch, -1, -1, -1).to(observed[res[0]].dtype)
+        stats: list[dict[str, torch.Tensor]] = []
+        layer = 0
+        for i, size in enumerate(res):
+            if i > 0:
+                h = F.interpolate(h, scale_factor=size // res[i - 1], mode="nearest")
+                h = self.upsamples[str(size)](h)
+            # "re-include the border": the observed features at this resolution join the decoder
+            h = h + self.skips[str(size)](observed[size])
+            for group in self.groups[str(size)]:
+                noise = noises[layer] if noises is not None else None
+                h, s = group(
+                    h,
+                    observed[size],
+                    None if full is None else full[size],
+                    caption,
+                    noise,
+                    temperature,
+                )
+                stats.append(s)
+                layer += 1
+        return self.out_block(h), stats
+
+    # --- training and scoring
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        caption_embedding: torch.Tensor | None = None,
+        caption_keep: torch.Tensor | None = None,
+        kl_weights: torch.Tensor | list[float] | None = None,
+        free_bits: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """Negative ELBO of the hole's pixels, in bits per hole dimension."""
+        hole = mask.to(image.dtype)
+        batch = image.shape[0]
+        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
+        observed = {k: v[:batch] for k, v in both.items()}
+        full = {k: v[batch:] for k, v in both.items()}
+        caption = self._caption(batch, caption_embedding, caption_keep, image)
+        h, stats = self._decode(observed, full, caption)
+        p = self.pixels.params(h, pyramid_fill(image, hole))
+        log_px = self.pixels.log_prob(image, p)  # (B,H,W)
+        hole_px = hole[:, 0].float()
+        dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)  # hole dimensions per image
+        recon = -(log_px * hole_px).flatten(1).sum(1) / (dims * LN2)  # (B,) bits/dim
+        kl = torch.stack([s["kl"] for s in stats], 1) / (dims[:, None] * LN2)  # (B,L)
+        per_image = recon + kl.sum(1)
+        kl_layer = kl.mean(0)
+        weights = (
+            torch.ones_like(kl_layer)
+            if kl_weights is None
+            else torch.as_tensor(kl_weights, dtype=kl_layer.dtype, device=kl_layer.device)
+        )
+        penalised = kl_layer.clamp_min(free_bits) if free_bits > 0 else kl_layer
+        loss = recon.mean() + (weights * penalised).sum()
+        return {
+            "loss": loss,
+            "nll_bits_per_dim": per_image.mean(),
+            "recon_bits_per_dim": recon.mean(),
+            "kl_bits_per_dim": kl_layer,
+            "per_image_bits_per_dim": per_image,
+        }
+
+    @torch.no_grad()
+    def hole_nll_bits_per_dim(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        caption_embedding: torch.Tensor | None = None,
+        importance_samples: int = 1,
+    ) -> torch.Tensor:
+        """Upper bound on each image's hole NLL, bits/dim: the negative ELBO (K=1) or the
+        importance-weighted bound with K posterior samples (tighter as K grows)."""
+        if importance_samples <= 1:
+            return self.forward(image, mask, caption_embedding)["per_image_bits_per_dim"]
+        k, batch = importance_samples, image.shape[0]
+        hole = mask.to(image.dtype)
+        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
+        rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
+        observed = {s: rep(v[:batch]) for s, v in both.items()}
+        full = {s: rep(v[batch:]) for s, v in both.items()}
+        caption = self._caption(batch, caption_embedding, None, image)
+        caption = None if caption is None else rep(caption)
+        h, stats = self._decode(observed, full, caption)
+        x, hole_k = rep(image), rep(hole)
+        p = self.pixels.params(h, pyramid_fill(x, hole_k))
+        log_px = (self.pixels.log_prob(x, p) * hole_k[:, 0].float()).flatten(1).sum(1)
+        log_w = log_px - torch.stack([s["log_q_minus_log_p"] for s in stats], 1).sum(1)
+        log_w = log_w.reshape(batch, k)
+        bound = torch.logsumexp(log_w, 1) - math.log(k)
+        dims = (hole[:, 0].float().flatten(1).sum(1) * 3).clamp_min(1.0)
+        return -bound / (dims * LN2)
+
+    # --- sampling
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        caption_embedding: torch.Tensor | None = None,
+        samples: int = 1,
+        temperature: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """N completions per image, (B, N, 3, H, W) in [-1, 1]; known pixels returned exactly.
+
+        `generator` may be one generator for the batch or one per image: per-image generators
+        make each image's result independent of the batch it was in.
+        """
+        batch, n = image.shape[0], samples
+        hole = mask.to(image.dtype)
+        enc = self.encoder(self._observed(image, hole))
+        observed = {s: v.repeat_interleave(n, 0) for s, v in enc.items()}
+        caption = self._caption(batch, caption_embedding, None, image)
+        caption = None if caption is None else caption.repeat_interleave(n, 0)
+        noises = self._prior_noise(observed, batch, n, generator, image.device)
+        h, _ = self._decode(observed, None, caption, noises, temperature)
+        x, hole_n = image.repeat_interleave(n, 0), hole.repeat_interleave(n, 0)
+        fill = self.pixels.mean(self.pixels.params(h, pyramid_fill(x, hole_n)))
+        out = torch.where(hole_n > 0.5, fill.to(image.dtype), x)
+        return out.reshape(batch, n, *image.shape[1:])
+
+    def _prior_noise(
+        self,
+        observed: dict[int, torch.Tensor],
+        batch: int,
+        n: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+    ) -> list[torch.Tensor]:
+        gens = generator if isinstance(generator, list) else None
+        if gens is not None and len(gens) != batch:
+            raise ValueError(f"got {len(gens)} generators for a batch of {batch}")
+        noises = []
+        for size in reversed(self.config.resolutions):
+            for _ in self.groups[str(size)]:
+                shape = (self.config.z_channels, size, size)
+                if gens is None:
+                    noise = torch.randn((batch * n, *shape), generator=generator)
+                else:
+                    noise = torch.cat([torch.randn((n, *shape), generator=g) for g in gens])
+                noises.append(noise.to(device))
+        return noises
+
+    # --- saving and loading
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write config.json and model.safetensors into `folder`, each atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(tensors, str(path)))
+        text = self.config.to_json()
+        _atomic_write(folder / CONFIG_NAME, lambda path: Path(path).write_text(text))
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> HVAE:
+        """Load a model folder; raises ValueError naming the folder and the problem."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: not a model folder (no such directory)")
+        if not config_path.is_file() or not weights_path.is_file():
+            raise ValueError(
+                f"{folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        try:
+            config = HVAEConfig.from_dict(json.loads(config_path.read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path}: invalid model config: {error}") from None
+        model = cls(config)
+        try:
+            tensors = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_path}: unreadable weights: {error}") from None
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise ValueError(f"{weights_path}: weights do not match the config: {first}") from None
+        return model.to(map_location).eval()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
