@@ -95,11 +95,17 @@ def masks(
     """
     from inpaint_cli.masks import write_masks
 
-    _call(
+    summary = _call(
         lambda: write_masks(
             images, out, kind=kind, hole_area=hole_area, seed=seed, overwrite=overwrite
         )
     )
+    typer.echo(
+        f"wrote {summary['written']} masks to {summary['out']} "
+        f"({summary['skipped']} already there, {summary['failed']} failed)"
+    )
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": False})
