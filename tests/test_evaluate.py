@@ -75,3 +75,256 @@ def test_rejects_wrong_inputs() -> None:
         mean_colour_fill(np.zeros((8, 8), dtype=np.uint8), np.zeros((8, 8), dtype=bool))
     with pytest.raises(ValueError):
         biharmonic_fill(np.zeros((8, 8, 3), dtype=np.uint8), np.zeros((4, 4), dtype=bool))
+
+
+# ----------------------------------------------------------------------------- the eval job
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from inpaint_cli.errors import InpaintError  # noqa: E402
+from inpaint_cli.evaluate import EvalOptions, derangement, evaluate  # noqa: E402
+
+FAKE_ENCODER = {"name": "fake-encoder", "dim": 8, "weights_hash": "f" * 64}
+
+
+def _save_tiny_model(folder: Path, **overrides: object) -> Path:
+    import torch
+
+    from model.hvae import HVAE, preset_config
+
+    torch.manual_seed(0)
+    HVAE(preset_config("tiny", **overrides)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def captioned_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_model(
+        tmp_path_factory.mktemp("captioned"), caption_dim=8, text_encoder=FAKE_ENCODER
+    )
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(6):
+        # 20x24: not the model's 16x16, so the folder path resizes and crops.
+        pixels = np.clip(
+            _gradient_image(24)[:20] + rng.integers(-20, 20, size=(20, 24, 3)), 0, 255
+        ).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"img{index}.png")
+        if index < 5:  # the last image has no caption
+            rows.append({"file_name": f"img{index}.png", "text": f"a shape number {index % 3}"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return root
+
+
+class _FakeTextEncoder:
+    """Stands in for conditioning.TextEncoder: a fixed random vector per caption."""
+
+    identity_record = FAKE_ENCODER
+
+    def __init__(self, path: str | None = None, device: str = "cpu") -> None:
+        self.name = self.identity_record["name"]
+        self.dim = self.identity_record["dim"]
+
+    def encode(self, captions: list[str]):  # noqa: ANN201
+        import torch
+
+        from inpaint_cli.masks import stable_seed
+
+        rows = [
+            np.random.default_rng(stable_seed(caption)).normal(size=self.dim)
+            for caption in captions
+        ]
+        return torch.tensor(np.stack(rows), dtype=torch.float32)
+
+    def identity(self) -> dict:
+        return dict(self.identity_record)
+
+
+def _options(data: Path, model: Path, out: Path, **changes: object) -> EvalOptions:
+    options = EvalOptions(
+        data=str(data), model=model, out=out, samples=3, batch_size=4, progress=False
+    )
+    options.bootstrap_resamples = 500
+    for name, value in changes.items():
+        setattr(options, name, value)
+    return options
+
+
+def test_eval_writes_a_complete_report(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    from inpaint_cli.baselines import BASELINES
+
+    out = tmp_path / "report"
+    result = evaluate(_options(image_folder, tiny_model, out, baselines=True, masks="box"))
+    assert result["images"] == 6 and result["resolution"] == 16
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["methods"] == result["methods"]
+    assert set(saved["methods"]) == {
+        "model, 1 sample",
+        "model, mean of 3",
+        "model, best of 3",
+        *BASELINES,
+    }
+    for scores in saved["methods"].values():
+        assert 0 < scores["psnr"] <= 100 and -1 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
+    one, best = saved["methods"]["model, 1 sample"], saved["methods"]["model, best of 3"]
+    assert best["psnr"] >= one["psnr"] and best["l1"] <= one["l1"]
+    nll = saved["nll"]
+    assert nll["negative_elbo_bits_per_dim"] > 0 and nll["iwae_bits_per_dim"] > 0
+    assert "upper bound" in nll["note"]
+    assert saved["diversity"] > 0
+    # Two model rows (one sample, mean of K) against each baseline, each metric with an interval.
+    assert len(saved["comparisons"]) == 2 * len(BASELINES)
+    for row in saved["comparisons"]:
+        for metric in ("psnr", "ssim", "l1"):
+            interval = row[metric]
+            assert interval["low"] <= interval["mean"] <= interval["high"]
+    assert len(saved["per_image"]["keys"]) == 6
+    markdown = (out / "metrics.md").read_text()
+    assert "| telea |" in markdown and "upper bounds" in markdown
+    page = (out / "index.html").read_text()
+    assert 'src="examples.png"' in page and "<table>" in page
+    assert "http://" not in page and "https://" not in page
+    from PIL import Image
+
+    with Image.open(out / "examples.png") as figure:
+        assert figure.width > figure.height > 100
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_sample_scores_do_not_depend_on_the_batch_size(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    first = evaluate(_options(image_folder, tiny_model, tmp_path / "a", batch_size=2))
+    second = evaluate(_options(image_folder, tiny_model, tmp_path / "b", batch_size=5))
+    for method, scores in first["methods"].items():
+        assert scores == pytest.approx(second["methods"][method], rel=1e-3), method
+    assert first["diversity"] == pytest.approx(second["diversity"], rel=1e-3)
+
+
+def test_mask_folder_is_matched_by_stem_and_missing_masks_are_skipped(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    hole = np.zeros((20, 24), dtype=np.uint8)
+    hole[6:14, 8:16] = 255
+    Image.fromarray(hole).save(masks / "img0.png")
+    Image.fromarray(hole).save(masks / "img1_mask.png")
+    result = evaluate(_options(image_folder, tiny_model, tmp_path / "r", masks=str(masks)))
+    assert result["images"] == 2 and result["skipped"] == 4
+    assert result["per_image"]["keys"] == ["img0.png", "img1.png"]
+    assert "img2.png: no mask found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"masks": "nonsense"}, "nonsense"),
+        ({"data": "no/such/folder.tar"}, "no/such/folder.tar"),
+        ({"model": Path("no/such/model")}, "no/such/model"),
+        ({"samples": 0}, "--samples"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, changes: dict, expected: str
+) -> None:
+    options = _options(image_folder, tiny_model, tmp_path / "r")
+    for name, value in changes.items():
+        setattr(options, name, value)
+    with pytest.raises(InpaintError) as error:
+        evaluate(options)
+    assert error.value.exit_code == 2
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_caption_ablation_scores_true_empty_and_shuffled_captions(
+    captioned_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", _FakeTextEncoder)
+    result = evaluate(
+        _options(image_folder, captioned_model, tmp_path / "r", caption_ablation=True)
+    )
+    ablation = result["caption_ablation"]
+    assert ablation["images"] == 5  # the image without a caption is left out
+    for gap in ("empty_minus_true", "shuffled_minus_empty", "shuffled_minus_true"):
+        assert ablation[gap]["low"] <= ablation[gap]["mean"] <= ablation[gap]["high"]
+    # Every condition is scored with the same noise, so a difference is the caption's doing:
+    # the embeddings did reach the model.
+    assert ablation["empty_minus_true"]["mean"] != 0.0
+    assert ablation["shuffled_minus_true"]["mean"] != 0.0
+    assert ablation["true_bits_per_dim"] == pytest.approx(
+        ablation["empty_bits_per_dim"] - ablation["empty_minus_true"]["mean"]
+    )
+    assert "Caption ablation" in (tmp_path / "r" / "metrics.md").read_text()
+
+
+def test_caption_ablation_refuses_another_text_encoder(
+    captioned_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import conditioning
+
+    class OtherEncoder(_FakeTextEncoder):
+        identity_record = {**FAKE_ENCODER, "name": "other", "weights_hash": "0" * 64}
+
+    monkeypatch.setattr(conditioning, "TextEncoder", OtherEncoder)
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(image_folder, captioned_model, tmp_path / "r", caption_ablation=True))
+    assert error.value.exit_code == 2 and "trained with" in str(error.value)
+
+
+def test_caption_ablation_needs_a_model_with_a_text_path(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(image_folder, tiny_model, tmp_path / "r", caption_ablation=True))
+    assert "no text path" in str(error.value)
+
+
+def test_derangement_moves_every_item_and_avoids_equal_labels() -> None:
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        order = derangement(7, rng)
+        assert sorted(order) == list(range(7)) and all(order != np.arange(7))
+        labels = ["a", "a", "a", "b", "b", "c", "c"]
+        order = derangement(7, rng, labels)
+        assert sorted(order) == list(range(7)) and all(order != np.arange(7))
+        assert all(labels[order[i]] != labels[i] for i in range(7))
+    with pytest.raises(ValueError):
+        derangement(1, np.random.default_rng(0))
+
+
+def test_eval_command_prints_the_summary(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from inpaint_cli.app import app
+
+    runner = CliRunner()
+    args = ["eval", "--data", str(image_folder), "--model", str(tiny_model), "--samples", "2"]
+    ok = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
+    assert ok.exit_code == 0, ok.output
+    assert "hole PSNR" in ok.output and "upper bound" in ok.output
+    bad = runner.invoke(app, [*args, "--masks", "nonsense", "--out", str(tmp_path / "s")])
+    assert bad.exit_code == 2
+    assert "error: nonsense" in bad.output and "Traceback" not in bad.output
