@@ -254,7 +254,8 @@ def evaluate(
     Example: `inpaint eval --data 'shards/test-{000000..000001}.tar' --masks center
     --samples 8 --baselines --caption-ablation --out report/`
     """
-    from inpaint_cli.evaluate import EvalOptions, evaluate as run_eval
+    from inpaint_cli.evaluate import EvalOptions, print_summary
+    from inpaint_cli.evaluate import evaluate as run_eval
 
     options = EvalOptions(
         data=data,
@@ -270,7 +271,8 @@ def evaluate(
         device=device,
         text_encoder=text_encoder,
     )
-    _call(lambda: run_eval(options))
+    result = _call(lambda: run_eval(options))
+    print_summary(result)
 
 
 @app.command()
