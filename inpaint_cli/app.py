@@ -62,9 +62,9 @@ def shards(
 
     Example: `inpaint shards photos/ shards/ --splits train=0.9,val=0.05,test=0.05`
     """
-    from inpaint_cli.shards import write_shards
+    from inpaint_cli.shards import format_summary, write_shards
 
-    _call(
+    summary = _call(
         lambda: write_shards(
             src,
             out,
@@ -78,6 +78,8 @@ def shards(
             text_encoder=text_encoder,
         )
     )
+    for line in format_summary(summary):
+        typer.echo(line)
 
 
 @app.command()

@@ -1,0 +1,533 @@
+"""`inpaint shards`: pack images and captions into webdataset tar shards, split by group.
+
+Sources: an image folder (captions from HF-style metadata.jsonl/csv, sidecar `<stem>.txt`, or
+none), a dataset saved with `datasets.save_to_disk`, or parquet files with image and text
+columns. One sample per image: the image bytes (`png`/`jpg`/`webp`), `txt` when there is a
+caption, `json` (source, size, format, other metadata columns) and, with embeddings, `emb.f32`
+(raw little-endian float32; its length is in the json, so nothing is ever unpickled).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shlex
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.images import (
+    atomic_write_bytes,
+    decode_image,
+    image_to_rgb_uint8,
+    list_images,
+    png_bytes,
+)
+
+SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Embedding this many captions per text-encoder call keeps memory flat and the model busy.
+_CHUNK = 64
+
+Warn = Callable[[str, str], None]
+
+
+@dataclass
+class SourceItem:
+    """One sample to be, before its image is read."""
+
+    key: str
+    name: str  # how warnings name it: a path, or "<file> row <n>"
+    group: str  # the --split-by value
+    read_image: Callable[[], bytes]
+    caption: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_splits(text: str) -> list[tuple[str, float]]:
+    """Parse "train=0.9,val=0.05,test=0.05"; fractions must be positive and sum to 1."""
+    splits: list[tuple[str, float]] = []
+    for part in str(text).split(","):
+        name, _, value = part.strip().partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if not SPLIT_NAME_RE.match(name) or not 0.0 < fraction <= 1.0:
+            raise InpaintError(
+                f"--splits {text}: expected name=fraction pairs such as train=0.9,val=0.1",
+                exit_code=2,
+            )
+        if name in dict(splits):
+            raise InpaintError(f"--splits {text}: split {name} named twice", exit_code=2)
+        splits.append((name, fraction))
+    total = sum(fraction for _, fraction in splits)
+    if abs(total - 1.0) > 1e-6:
+        raise InpaintError(f"--splits {text}: fractions add up to {total:g}, not 1", exit_code=2)
+    return splits
+
+
+def assign_split(group: str, splits: list[tuple[str, float]]) -> str:
+    """The split of a group: a hash of the group value, so a group never spans two splits."""
+    digest = hashlib.sha256(group.encode("utf-8", "surrogatepass")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for name, fraction in splits:
+        cumulative += fraction
+        if position < cumulative:
+            return name
+    return splits[-1][0]
+
+
+def safe_key(stem: str, unique: str) -> str:
+    """A tar-safe sample key: no dots (webdataset splits there), slashes or odd characters."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48] or "image"
+    return f"{readable}-{hashlib.sha1(unique.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return not (isinstance(value, dict) and "bytes" in value)
+
+
+def _caption_text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _relative_name(file_name: Any) -> str | None:
+    """A metadata file_name as a clean relative path, or None when it tries to leave the folder."""
+    if not isinstance(file_name, str) or not file_name:
+        return None
+    name = posixpath.normpath(file_name.replace("\\", "/"))
+    if name.startswith(("/", "../")) or name == ".." or re.match(r"^[A-Za-z]:", name):
+        return None
+    return name
+
+
+def _metadata_rows(path: Path, warn: Warn) -> Iterator[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
+    if path.suffix == ".csv":
+        yield from csv.DictReader(text.splitlines())
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            yield row
+        else:
+            warn(f"{path} line {number}", "not a JSON object")
+
+
+def _folder_metadata(root: Path, images: set[Path], warn: Warn) -> dict[Path, dict[str, Any]]:
+    """Metadata rows keyed by image path; file_name is relative to its metadata file's folder."""
+    rows: dict[Path, dict[str, Any]] = {}
+    for name in METADATA_NAMES:
+        for meta_path in sorted(root.rglob(name)):
+            for row in _metadata_rows(meta_path, warn):
+                relative = _relative_name(row.get("file_name"))
+                image = meta_path.parent / relative if relative else None
+                if image is None or image not in images:
+                    shown = repr(row.get("file_name"))
+                    warn(f"{meta_path}", f"file_name {shown} is not an image in {root}")
+                    continue
+                rows.setdefault(image, row)
+    return rows
+
+
+def _read_sidecar(path: Path) -> str | None:
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    try:
+        return sidecar.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InpaintError(f"{sidecar}: caption is not UTF-8 text", exit_code=1) from None
+    except OSError as error:
+        raise InpaintError(f"{sidecar}: cannot read ({error.strerror})", exit_code=1) from None
+
+
+def folder_items(root: Path, text_column: str, split_by: str | None, warn: Warn):
+    """Items of an image folder, captions from metadata, else sidecar .txt, else none."""
+    paths = list_images(root)
+    metadata = _folder_metadata(root, set(paths), warn)
+    if split_by and not any(split_by in row for row in metadata.values()):
+        raise InpaintError(
+            f"--split-by {split_by}: no such column in {root}'s metadata", exit_code=2
+        )
+    items = []
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        row = metadata.get(path, {})
+        if split_by and row.get(split_by) is None:
+            warn(str(path), f"no {split_by!r} value in the metadata (needed by --split-by)")
+            continue
+        try:
+            caption = _caption_text(row.get(text_column)) if text_column in row else None
+            caption = caption if caption is not None else _read_sidecar(path)
+        except InpaintError as error:
+            warn(str(path), str(error))
+            continue
+        extra = {
+            k: v for k, v in row.items() if k not in ("file_name", text_column) and _jsonable(v)
+        }
+        items.append(
+            SourceItem(
+                key=safe_key(path.stem, relative),
+                name=str(path),
+                group=str(row[split_by]) if split_by else path.stem,
+                read_image=path.read_bytes,
+                caption=caption,
+                info={
+                    "source": relative,
+                    "metadata": {k: v for k, v in extra.items() if _jsonable(v)},
+                },
+            )
+        )
+    return items
+
+
+# ---------------------------------------------------------------- datasets and parquet
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, dict):
+        value = value.get("bytes")
+        if value is None:
+            raise ValueError("the image is stored as a file path, not as bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise ValueError(f"the image column holds {type(value).__name__}, not image bytes")
+
+
+def _row_item(row: dict, name: str, key: str, columns: tuple[str, str], split_by: str | None):
+    image_column, text_column = columns
+    value = row.get(image_column)
+    extra = {k: v for k, v in row.items() if k not in columns and _jsonable(v)}
+    return SourceItem(
+        key=key,
+        name=name,
+        group=str(row.get(split_by)) if split_by else key,
+        read_image=lambda: _image_bytes(value),
+        caption=_caption_text(row.get(text_column)),
+        info={"source": name, "metadata": extra},
+    )
+
+
+def _check_columns(src: Path, names: Iterable[str], image_column: str, split_by: str | None):
+    names = list(names)
+    for option, column in (("--image-column", image_column), ("--split-by", split_by)):
+        if column and column not in names:
+            raise InpaintError(
+                f"{src}: no column {column!r} for {option} (columns: {', '.join(names)})",
+                exit_code=2,
+            )
+
+
+def dataset_items(src: Path, image_column: str, text_column: str, split_by: str | None):
+    """Items of a dataset saved with `save_to_disk` (all of a DatasetDict's splits)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(src))
+    except Exception as error:  # datasets raises many types for a damaged folder
+        raise InpaintError(f"{src}: cannot load the saved dataset ({error})", exit_code=1) from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    for part_name, dataset in parts:
+        _check_columns(src, dataset.column_names, image_column, split_by)
+        if isinstance(dataset.features[image_column], datasets.Image):
+            # Raw bytes, decoded later by our own loader rather than by datasets' Pillow call.
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        prefix = f"{part_name}-" if part_name else ""
+        for index, row in enumerate(dataset):
+            name = f"{src} {prefix}row {index}"
+            key = safe_key(f"{prefix}{index:08d}", name)
+            yield _row_item(row, name, key, (image_column, text_column), split_by)
+
+
+def parquet_items(src: Path, image_column: str, text_column: str, split_by: str | None):
+    """Items of a parquet file or a folder of them (read in batches, in file order)."""
+    import pyarrow.parquet as pq
+
+    files = [src] if src.is_file() else sorted(src.rglob("*.parquet"))
+    for path in files:
+        try:
+            parquet = pq.ParquetFile(path)
+            _check_columns(path, parquet.schema_arrow.names, image_column, split_by)
+            index = 0
+            for batch in parquet.iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    name = f"{path} row {index}"
+                    key = safe_key(f"{path.stem}-{index:08d}", name)
+                    yield _row_item(row, name, key, (image_column, text_column), split_by)
+                    index += 1
+        except InpaintError:
+            raise
+        except Exception as error:  # pyarrow raises many types for damaged files
+            raise InpaintError(f"{path}: cannot read parquet ({error})", exit_code=1) from None
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _image_member(data: bytes, name: str) -> tuple[str, bytes, dict[str, Any]]:
+    """Validate by decoding fully; keep PNG/JPEG/WebP bytes as they are, re-encode others."""
+    img = decode_image(data, name)
+    info = {"width": img.width, "height": img.height}
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png", data, {**info, "format": "PNG"}
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg", data, {**info, "format": "JPEG"}
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", data, {**info, "format": "WEBP"}
+    try:
+        encoded = png_bytes(img)
+    except (OSError, ValueError, KeyError):
+        from PIL import Image
+
+        encoded = png_bytes(Image.fromarray(image_to_rgb_uint8(img)))
+    return "png", encoded, {**info, "format": "PNG"}
+
+
+class _SplitWriter:
+    """A webdataset.ShardWriter whose shards appear only when complete (temp name, rename)."""
+
+    def __init__(self, out: Path, split: str, max_count: int, max_size: int) -> None:
+        self.out, self.split = out, split
+        self.max_count, self.max_size = max_count, max_size
+        self.shards: list[Path] = []
+        self.count = 0
+        self._writer = None
+        self._handles: dict[str, Any] = {}
+
+    def _open(self, temp_name: str):
+        handle = open(temp_name, "wb")  # closed in _finish once the shard is full
+        self._handles[temp_name] = handle
+        return handle
+
+    def _finish(self, temp_name: str) -> None:
+        handle = self._handles.pop(temp_name)
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        final = self.out / f"{self.split}-{len(self.shards):06d}.tar"
+        os.replace(temp_name, final)
+        self.shards.append(final)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None:
+            import webdataset
+
+            # The pattern is a %-format: a '%' in the folder name must not be read as one.
+            folder = str(self.out).replace("%", "%%")
+            self._writer = webdataset.ShardWriter(
+                f"{folder}/.{self.split}-%06d.tar.tmp",
+                maxcount=self.max_count,
+                maxsize=self.max_size,
+                post=self._finish,
+                opener=self._open,
+                verbose=0,
+                encoder=False,
+                mtime=0,
+            )
+        self._writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def abort(self) -> None:
+        """Remove everything this writer made, so a failed run leaves no shards behind."""
+        for temp_name, handle in self._handles.items():
+            handle.close()
+            Path(temp_name).unlink(missing_ok=True)
+        for shard in self.shards:
+            shard.unlink(missing_ok=True)
+
+    def pattern(self) -> str:
+        if len(self.shards) == 1:
+            return str(self.shards[0])
+        return str(self.out / f"{self.split}-{{{0:06d}..{len(self.shards) - 1:06d}}}.tar")
+
+
+def _prepare_output(out: Path, src: Path, splits: list[tuple[str, float]]) -> None:
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise InpaintError(f"{out}: the output folder is inside the input folder", exit_code=2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
+    for name, _ in splits:
+        if any(out.glob(f"{name}-*.tar")):
+            raise InpaintError(
+                f"{out}: already holds {name}-*.tar shards; remove them or choose another folder",
+                exit_code=2,
+            )
+        for stale in out.glob(f".{name}-*.tar.tmp"):
+            stale.unlink()  # left by an interrupted run of ours
+
+
+def _source_items(src, image_column, text_column, split_by, warn) -> Iterable[SourceItem]:
+    if not src.exists():
+        raise InpaintError(f"{src}: no such file or folder", exit_code=2)
+    if src.is_file() and src.suffix == ".parquet":
+        return parquet_items(src, image_column, text_column, split_by)
+    if not src.is_dir():
+        raise InpaintError(
+            f"{src}: expected an image folder, saved dataset or parquet", exit_code=2
+        )
+    if (src / "dataset_dict.json").is_file() or (src / "state.json").is_file():
+        return dataset_items(src, image_column, text_column, split_by)
+    items = folder_items(src, text_column, split_by, warn)
+    if not items and any(src.rglob("*.parquet")):
+        return parquet_items(src, image_column, text_column, split_by)
+    if not items:
+        raise InpaintError(f"{src}: no images found", exit_code=2)
+    # Hash order mixes concepts across shards (folders are often sorted by concept).
+    return sorted(items, key=lambda item: hashlib.sha1(item.key.encode()).digest())
+
+
+def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    chunk: list[SourceItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _load_encoder(text_encoder: str | None):
+    from conditioning import TextEncoder, TextEncoderError
+
+    try:
+        return TextEncoder(text_encoder)
+    except TextEncoderError as error:
+        raise InpaintError(str(error), exit_code=2) from None
+
+
+def write_shards(
+    src: Path,
+    out: Path,
+    *,
+    splits: str = "train=1.0",
+    split_by: str | None = None,
+    max_count: int = 1000,
+    max_size: int = 1 << 30,
+    image_column: str = "image",
+    text_column: str = "text",
+    embed_captions: bool = False,
+    text_encoder: str | None = None,
+) -> dict[str, Any]:
+    """Write `<out>/<split>-NNNNNN.tar` shards and `<out>/shards.json`; return the summary.
+
+    Bad files are skipped with one warning line each and counted in `skipped`.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    src, out = Path(src), Path(out)
+    split_fractions = parse_splits(splits)
+    if max_count < 1 or max_size < 1:
+        raise InpaintError("--max-count and --max-size must be at least 1", exit_code=2)
+    console = Console(stderr=True, highlight=False)
+    skipped = 0
+
+    def warn(name: str, problem: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
+        console.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+    items = _source_items(src, image_column, text_column, split_by, warn)
+    _prepare_output(out, src, split_fractions)
+    encoder = _load_encoder(text_encoder) if embed_captions else None
+    writers = {name: _SplitWriter(out, name, max_count, max_size) for name, _ in split_fractions}
+    total = len(items) if isinstance(items, list) else None
+    try:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("shards", total=total)
+            for chunk in _chunks(items, _CHUNK):
+                samples = []
+                for item in chunk:
+                    progress.advance(task)
+                    try:
+                        ext, data, info = _image_member(item.read_image(), item.name)
+                        sample = {"__key__": item.key, ext: data}
+                        if item.caption is not None:
+                            sample["txt"] = item.caption.encode("utf-8")
+                    except (InpaintError, ValueError, OSError) as error:
+                        warn(item.name, str(error))
+                        continue
+                    samples.append((item, sample, {**item.info, **info}))
+                if encoder is not None and samples:
+                    embeddings = encoder.encode([item.caption or "" for item, _, _ in samples])
+                    rows = embeddings.detach().cpu().float().numpy().astype("<f4")
+                    for (_, sample, info), row in zip(samples, rows, strict=True):
+                        sample["emb.f32"] = row.tobytes()
+                        info["embedding_dim"] = int(row.shape[0])
+                for item, sample, info in samples:
+                    sample["json"] = json.dumps(info).encode("utf-8")
+                    writers[assign_split(item.group, split_fractions)].write(sample)
+        for writer in writers.values():
+            writer.close()
+    except BaseException as error:
+        for writer in writers.values():
+            writer.abort()
+        if isinstance(error, OSError):
+            problem = f"cannot write shards ({error.strerror or error})"
+            raise InpaintError(f"{out}: {problem}", exit_code=1) from None
+        raise
+    summary = {
+        "out": str(out),
+        "splits": {
+            name: {
+                "count": writer.count,
+                "shards": [shard.name for shard in writer.shards],
+                "pattern": writer.pattern() if writer.shards else None,
+            }
+            for name, writer in writers.items()
+        },
+        "skipped": skipped,
+        "text_encoder": encoder.identity() if encoder is not None else None,
+    }
+    atomic_write_bytes(out / "shards.json", json.dumps(summary, indent=2).encode("utf-8"))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> list[str]:
+    """Lines for the terminal: samples and a paste-ready --data pattern per split."""
+    lines = []
+    for name, split in summary["splits"].items():
+        if not split["shards"]:
+            lines.append(f"{name}: 0 samples, no shards")
+            continue
+        shards = len(split["shards"])
+        lines.append(
+            f"{name}: {split['count']} samples in {shards} shard{'s' * (shards > 1)}: "
+            f"--data {shlex.quote(split['pattern'])}"
+        )
+    lines.append(f"skipped: {summary['skipped']} bad files")
+    return lines
