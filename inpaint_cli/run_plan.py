@@ -1,0 +1,359 @@
+"""Planning for `inpaint run`: which images, which masks and captions, which output names,
+what is done already, and whether OUT may take more outputs (its manifest).
+
+Nothing here decodes pixels: a dry run and the skip check stay fast on large folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.images import IMAGE_EXTENSIONS, MASK_NAME_RE, list_images
+
+if TYPE_CHECKING:
+    from inpaint_cli.run import RunOptions
+
+MANIFEST_NAME = "manifest.jsonl"
+# Temporary files of images.atomic_write_bytes (".<name>.<8 hex>.tmp"), left by a killed run.
+TEMP_NAME_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+
+
+@dataclass
+class Item:
+    """One input image and everything decided about it before any pixel is read."""
+
+    rel: str  # path relative to IMAGES (posix); seeds and failure records use it
+    source: Path
+    stem: str  # output name without ".png", relative to OUT (posix)
+    masks: list[Path] = field(default_factory=list)
+    caption: str | None = None
+    sidecar: Path | None = None
+    problem: str | None = None  # known before decoding: no mask, clashing output name
+
+    def outputs(self, options: RunOptions) -> dict[str, Any]:
+        n = options.samples
+        samples = [f"{self.stem}.png"] if n == 1 else [f"{self.stem}_{i}.png" for i in range(n)]
+        return {
+            "samples": samples,
+            "uncertainty": f"{self.stem}_uncertainty.png"
+            if options.save_uncertainty and n > 1
+            else None,
+            "overlay": f"{self.stem}_overlay.png" if options.save_mask_overlay else None,
+        }
+
+    def output_names(self, options: RunOptions) -> list[str]:
+        named = self.outputs(options)
+        return named["samples"] + [n for n in (named["uncertainty"], named["overlay"]) if n]
+
+
+def check_options(options: RunOptions) -> None:
+    checks = [
+        (options.samples >= 1, f"--samples must be at least 1, got {options.samples}"),
+        (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
+        (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),
+        (options.dilate >= 0, f"--dilate must be >= 0, got {options.dilate}"),
+        (options.num_workers >= 0, f"--num-workers must be >= 0, got {options.num_workers}"),
+        (options.device in ("auto", "cpu", "cuda"), f"--device {options.device!r}: use auto, "
+         "cpu or cuda"),
+        (options.caption is None or options.caption_file is None,
+         "use --caption or --caption-file, not both"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise InpaintError(message, exit_code=2)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_paths(options: RunOptions) -> tuple[Path, Path, Path]:
+    images, masks, out = (Path(p).expanduser().absolute() for p in (options.images, options.masks,
+                                                                     options.out))  # fmt: skip
+    if not images.exists():
+        raise InpaintError(f"{options.images}: no such file or folder", exit_code=2)
+    if not masks.exists():
+        raise InpaintError(f"{options.masks}: no such mask file or folder", exit_code=2)
+    if out.exists() and not out.is_dir():
+        raise InpaintError(f"{options.out}: is a file, --out must be a folder", exit_code=2)
+    if images.is_dir() and out.resolve() == images.resolve():
+        raise InpaintError(
+            f"{options.out}: --out is the IMAGES folder itself; outputs could replace inputs, "
+            "choose another folder",
+            exit_code=2,
+        )
+    if images.is_file() and images.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise InpaintError(
+            f"{options.images}: not an image file (extensions: "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))})",
+            exit_code=2,
+        )
+    if options.caption_file is not None and not Path(options.caption_file).is_file():
+        raise InpaintError(f"{options.caption_file}: no such caption file", exit_code=2)
+    if options.grid is not None and Path(options.grid).is_dir():
+        raise InpaintError(f"{options.grid}: is a folder, --grid must be a PNG file", exit_code=2)
+    return images, masks, out
+
+
+def discover(images: Path, out: Path) -> tuple[Path, list[Path]]:
+    """(root that relative paths start from, sorted image files)."""
+    if images.is_file():
+        return images.parent, [images]
+    found = list_images(images)
+    # An OUT inside IMAGES is allowed: its files (earlier outputs) are never taken as inputs.
+    out_resolved = out.resolve()
+    found = [p for p in found if not _inside(p.resolve(), out_resolved)]
+    if not found:
+        raise InpaintError(
+            f"{images}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}; "
+            "files named like masks, <stem>_mask*.png, are not images)",
+            exit_code=2,
+        )
+    return images, found
+
+
+class _MaskFinder:
+    """Masks by relative folder and stem: `<stem>.<ext>` first, then `<stem>_mask*.png`."""
+
+    def __init__(self, masks: Path, out: Path, image_files: set[Path]) -> None:
+        self.single = masks if masks.is_file() else None
+        self.by_stem: dict[tuple[str, str], list[Path]] = {}
+        self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
+        if self.single is not None:
+            return
+        out_resolved = out.resolve()
+        for path in sorted(masks.rglob("*")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            relative = path.relative_to(masks)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            if _inside(path.resolve(), out_resolved):
+                continue
+            key_folder = relative.parent.as_posix()
+            named = MASK_NAME_RE.match(path.name)
+            if named:
+                self.by_mask_name.setdefault((key_folder, named["stem"]), []).append(path)
+            elif path not in image_files:  # MASKS may be IMAGES: an image is no one's mask
+                self.by_stem.setdefault((key_folder, path.stem), []).append(path)
+
+    def find(self, rel: PurePosixPath) -> list[Path]:
+        if self.single is not None:
+            return [self.single]
+        for key in dict.fromkeys([(rel.parent.as_posix(), rel.stem), (".", rel.stem)]):
+            same_stem = self.by_stem.get(key)
+            if same_stem:
+                return [min(same_stem, key=lambda p: (p.suffix.lower() != ".png", p.name))]
+            named = self.by_mask_name.get(key)
+            if named:
+                return named  # several <stem>_mask*.png: all their holes are filled
+        return []
+
+
+def read_caption_file(path: Path) -> dict[str, str]:
+    """file_name (relative to IMAGES) -> text, from metadata.jsonl or a CSV file."""
+    captions: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InpaintError(f"{path}: cannot read caption file ({error})", exit_code=2) from None
+    if path.suffix.lower() == ".csv":
+        rows = csv.DictReader(text.splitlines())
+        if not rows.fieldnames or not {"file_name", "text"} <= set(rows.fieldnames):
+            raise InpaintError(f"{path}: CSV needs columns file_name and text", exit_code=2)
+        records = [(i + 2, row) for i, row in enumerate(rows)]
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise InpaintError(
+                    f"{path}: line {number}: not JSON ({error})", exit_code=2
+                ) from None
+    for number, record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            raise InpaintError(f"{path}: line {number}: needs a file_name", exit_code=2)
+        caption = record.get("text")
+        if caption is not None and not isinstance(caption, str):
+            raise InpaintError(f"{path}: line {number}: text must be a string", exit_code=2)
+        name = PurePosixPath(record["file_name"].replace("\\", "/")).as_posix()
+        captions[name.removeprefix("./")] = caption or ""
+    return captions
+
+
+def plan(
+    options: RunOptions,
+    root: Path,
+    files: list[Path],
+    masks: Path,
+    out: Path,
+    warn: Callable[[str], None] | None,
+) -> list[Item]:
+    image_set = set(files)
+    finder = _MaskFinder(masks, out, image_set)
+    file_captions = read_caption_file(Path(options.caption_file)) if options.caption_file else {}
+    items = []
+    for path in files:
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        item = Item(rel=rel.as_posix(), source=path, stem=rel.with_suffix("").as_posix())
+        item.masks = finder.find(rel)
+        if not item.masks:
+            item.problem = f"{path}: no mask found in {options.masks} (looked for {rel.stem}.* " \
+                f"and {rel.stem}_mask*.png)"  # fmt: skip
+        if options.caption is not None:
+            item.caption = options.caption
+        elif item.rel in file_captions:
+            item.caption = file_captions[item.rel]
+        else:
+            sidecar = path.with_suffix(".txt")
+            item.sidecar = sidecar if sidecar.is_file() else None
+        items.append(item)
+    resolve_name_clashes(items, options, warn)
+    protected = {p.resolve() for p in image_set} | {
+        m.resolve() for item in items for m in item.masks
+    }
+    for item in items:
+        if item.problem is None:
+            for name in item.output_names(options):
+                if (out / name).resolve() in protected:
+                    item.problem = f"{item.source}: output {out / name} would replace an input"
+                    break
+    return items
+
+
+def resolve_name_clashes(
+    items: list[Item], options: RunOptions, warn: Callable[[str], None] | None
+) -> None:
+    by_stem: dict[str, list[Item]] = {}
+    for item in items:
+        by_stem.setdefault(item.stem.casefold(), []).append(item)
+    for group in by_stem.values():
+        if len(group) > 1:
+            for item in group:
+                item.stem = item.rel  # a.jpg -> a.jpg.png
+            if warn is not None:
+                names = ", ".join(f"{item.rel} -> {item.stem}.png" for item in group)
+                warn(f"warning: inputs share a name, outputs keep the extension: {names}")
+    # Rarer clashes (an input named like another's output, e.g. a_0.png with --samples 2)
+    # cannot be renamed away: the later file fails with a clear message.
+    owners: dict[str, Item] = {}
+    for item in items:
+        names = [n.casefold() for n in item.output_names(options)]
+        clash = next((owners[n] for n in names if n in owners), None)
+        if clash is not None:
+            item.problem = f"{item.source}: its outputs would have the name of {clash.rel}'s"
+            continue
+        owners.update(dict.fromkeys(names, item))
+
+
+def is_done(item: Item, options: RunOptions, out: Path) -> bool:
+    return all((out / name).is_file() for name in item.output_names(options))
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_settings(
+    options: RunOptions, model_dir: Path, masks: Path, encoder: dict | None
+) -> dict:
+    """What decides the output pixels: a rerun must match these to add to the same folder."""
+    caption_file = Path(options.caption_file) if options.caption_file else None
+    return {
+        "model_sha256": sha256_file(model_dir / "model.safetensors"),
+        "seed": options.seed,
+        "samples": options.samples,
+        "temperature": options.temperature,
+        "dilate": options.dilate,
+        "resize_masks": options.resize_masks,
+        "masks": str(masks.resolve()),
+        "caption": options.caption,
+        "caption_file_sha256": sha256_file(caption_file) if caption_file else None,
+        "text_encoder": encoder,
+    }
+
+
+def check_manifest(out: Path, settings: dict, overwrite: bool) -> list[str]:
+    """Earlier manifest lines to keep; raises when they record other settings."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    if overwrite:
+        return []
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        previous = json.loads(lines[-1])["settings"] if lines else settings
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InpaintError(
+            f"{path}: not a manifest written by inpaint run; use --overwrite or another --out",
+            exit_code=2,
+        ) from None
+    differ = sorted(k for k in set(settings) | set(previous) if settings.get(k) != previous.get(k))
+    if differ:
+        changes = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+        raise InpaintError(
+            f"{path}: outputs there were made with other settings ({changes}); "
+            "use --overwrite to redo them or choose another --out",
+            exit_code=2,
+        )
+    return lines
+
+
+def options_record(options: RunOptions) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+
+
+def remove_stale_temps(out: Path) -> None:
+    for path in out.rglob(".*.tmp"):
+        if TEMP_NAME_RE.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def find_model_dir(options: RunOptions) -> Path:
+    if options.model is not None:
+        return Path(options.model)
+    from model.hvae import default_model_path
+
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        raise InpaintError(
+            f"{path}: the bundled default model is not installed; pass --model FOLDER",
+            exit_code=2,
+        )
+    return path
+
+
+def read_model_config(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not model_dir.is_dir() or not config_path.is_file():
+        raise InpaintError(
+            f"{model_dir}: not a model folder (needs config.json and model.safetensors)",
+            exit_code=2,
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise InpaintError(f"{config_path}: invalid model config ({error})", exit_code=2) from None
+    if not (model_dir / "model.safetensors").is_file():
+        raise InpaintError(f"{model_dir}: not a model folder (no model.safetensors)", exit_code=2)
+    return config

@@ -1,0 +1,272 @@
+"""Square context windows around holes, so a fixed-resolution model can fill any image.
+
+Each group of nearby holes gets one square window (the hole's bounding box plus a context
+margin), which is resized to the model's resolution, filled, resized back, and only the hole
+pixels are pasted. Windows of different groups never overlap, so pastes never conflict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Context on each side of a hole, as a fraction of the hole's larger side.
+CONTEXT_MARGIN = 0.5
+# Beyond this many connected holes, grouping pairwise gets slow; one window then covers all.
+MAX_COMPONENTS = 2000
+
+
+@dataclass(frozen=True)
+class Window:
+    """A square `side` x `side` window whose top-left corner is (x0, y0) in image pixels.
+
+    It may extend past the image border when the image is smaller than the window on one
+    axis; pixels outside the image are treated as hole (generated, then discarded).
+    """
+
+    x0: int
+    y0: int
+    side: int
+
+    def shrink(self, resolution: int) -> float:
+        return self.side / resolution
+
+
+def _box_window(box: tuple[int, int, int, int], height: int, width: int, resolution: int) -> Window:
+    x0, y0, x1, y1 = box
+    extent = max(x1 - x0, y1 - y0)
+    # At least the model's resolution (native scale, no upsampling) when the image allows it,
+    # never more than the image's larger side (context beyond the image does not exist).
+    side = max(math.ceil(extent * (1 + 2 * CONTEXT_MARGIN)), min(resolution, max(height, width)))
+    side = max(min(side, max(height, width)), extent, 1)
+
+    def place(lo: int, hi: int, size: int) -> int:
+        if side >= size:
+            return (size - side) // 2
+        start = int(round((lo + hi) / 2 - side / 2))
+        return min(max(start, 0), size - side)
+
+    return Window(place(x0, x1, width), place(y0, y1, height), side)
+
+
+def _overlaps(windows: list[Window]) -> np.ndarray:
+    x0 = np.array([w.x0 for w in windows])
+    y0 = np.array([w.y0 for w in windows])
+    side = np.array([w.side for w in windows])
+    x_overlap = (x0[:, None] < (x0 + side)[None, :]) & (x0[None, :] < (x0 + side)[:, None])
+    y_overlap = (y0[:, None] < (y0 + side)[None, :]) & (y0[None, :] < (y0 + side)[:, None])
+    return x_overlap & y_overlap
+
+
+def _merge_boxes(
+    boxes: list[tuple[int, int, int, int]], overlap: np.ndarray
+) -> list[tuple[int, int, int, int]]:
+    """Union of the boxes in each connected group of the `overlap` graph (union-find)."""
+    parent = list(range(len(boxes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(overlap), strict=True):
+        parent[find(int(i))] = find(int(j))
+    merged: dict[int, tuple[int, int, int, int]] = {}
+    for i, b in enumerate(boxes):
+        root = find(i)
+        m = merged.get(root, b)
+        merged[root] = (min(m[0], b[0]), min(m[1], b[1]), max(m[2], b[2]), max(m[3], b[3]))
+    return sorted(merged.values())
+
+
+def hole_windows(mask: np.ndarray, resolution: int) -> list[Window]:
+    """Windows covering every hole pixel of `mask` (bool HxW); empty when there is no hole.
+
+    Deterministic for a given mask and resolution, so window indices can seed generators.
+    """
+    height, width = mask.shape
+    count, _labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8
+    )
+    boxes = [
+        (int(s[0]), int(s[1]), int(s[0] + s[2]), int(s[1] + s[3]))
+        for s in stats[1:]  # label 0 is the background
+    ]
+    if not boxes:
+        return []
+    if len(boxes) > MAX_COMPONENTS:
+        boxes = [
+            (
+                min(b[0] for b in boxes),
+                min(b[1] for b in boxes),
+                max(b[2] for b in boxes),
+                max(b[3] for b in boxes),
+            )
+        ]
+    while True:
+        windows = [_box_window(b, height, width, resolution) for b in boxes]
+        overlap = _overlaps(windows)
+        np.fill_diagonal(overlap, False)
+        if not overlap.any():
+            break
+        # Grow each group of overlapping windows into one box and try again: a grown window
+        # may reach further groups, hence the loop.
+        boxes = _merge_boxes(boxes, overlap)
+    return sorted(windows, key=lambda w: (w.y0, w.x0))
+
+
+def crop_window(
+    rgb: np.ndarray, mask: np.ndarray, window: Window, resolution: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The window's pixels (uint8 RxRx3) and hole (bool RxR) at the model's resolution.
+
+    A resized pixel counts as hole if any source pixel under it is a hole, so the model is
+    never told that a generated or outside-the-image pixel is known.
+    """
+    height, width = mask.shape
+    side = window.side
+    crop = np.zeros((side, side, 3), np.uint8)
+    hole = np.ones((side, side), np.float32)
+    ix0, iy0 = max(window.x0, 0), max(window.y0, 0)
+    ix1, iy1 = min(window.x0 + side, width), min(window.y0 + side, height)
+    cx0, cy0 = ix0 - window.x0, iy0 - window.y0
+    crop[cy0 : cy0 + iy1 - iy0, cx0 : cx0 + ix1 - ix0] = rgb[iy0:iy1, ix0:ix1]
+    hole[cy0 : cy0 + iy1 - iy0, cx0 : cx0 + ix1 - ix0] = mask[iy0:iy1, ix0:ix1]
+    if side == resolution:
+        return crop, hole > 0.5
+    interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_LINEAR
+    crop_r = cv2.resize(crop, (resolution, resolution), interpolation=interpolation)
+    hole_r = cv2.resize(hole, (resolution, resolution), interpolation=interpolation)
+    return crop_r, hole_r > 1e-6
+
+
+def paste_window(canvas: np.ndarray, mask: np.ndarray, window: Window, filled: np.ndarray) -> None:
+    """Paste the hole pixels of `filled` (float RxRx3 in 0..255) into `canvas` (uint8 HxWx3).
+
+    Only pixels where `mask` is True inside the window change.
+    """
+    height, width = mask.shape
+    side = window.side
+    resolution = filled.shape[0]
+    if side != resolution:
+        interpolation = cv2.INTER_AREA if side < resolution else cv2.INTER_CUBIC
+        filled = cv2.resize(filled, (side, side), interpolation=interpolation)
+    values = np.clip(np.rint(filled), 0, 255).astype(np.uint8)
+    ix0, iy0 = max(window.x0, 0), max(window.y0, 0)
+    ix1, iy1 = min(window.x0 + side, width), min(window.y0 + side, height)
+    cx0, cy0 = ix0 - window.x0, iy0 - window.y0
+    region = canvas[iy0:iy1, ix0:ix1]
+    hole = mask[iy0:iy1, ix0:ix1]
+    region[hole] = values[cy0 : cy0 + iy1 - iy0, cx0 : cx0 + ix1 - ix0][hole]
+
+
+def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow holes by `pixels` (a disc), to cover halos around objects."""
+    if pixels <= 0 or not mask.any():
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
+    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+
+# ----------------------------------------------------------------------------- output modes
+
+
+def output_base(img: Image.Image, rgb: np.ndarray) -> tuple[str, np.ndarray]:
+    """The output mode PNG can hold for a decoded image, and its pixels in that mode.
+
+    `rgb` is the image as the model sees it (image_to_rgb_uint8). Outside the hole, outputs
+    are exactly these pixels: the decoded, oriented input in the output mode.
+    """
+    mode = img.mode
+    has_transparency = "transparency" in img.info
+    if mode.startswith("I;16") or mode == "I":
+        pixels = np.asarray(img)
+        if pixels.dtype != np.uint16:
+            pixels = np.clip(pixels, 0, 65535)
+        return "I;16", np.ascontiguousarray(pixels, dtype=np.uint16)
+    if mode in ("L", "1") and not has_transparency:
+        return "L", np.asarray(img.convert("L"))
+    if mode == "F":
+        return "L", np.ascontiguousarray(rgb[:, :, 0])
+    if mode in ("LA", "La") or (mode == "L" and has_transparency):
+        return "LA", np.asarray(img.convert("LA"))
+    if mode in ("RGBA", "RGBa", "PA") or (has_transparency and mode in ("P", "RGB")):
+        return "RGBA", np.asarray(img.convert("RGBA"))
+    return "RGB", rgb
+
+
+def compose_output(
+    mode: str, base: np.ndarray, canvas: np.ndarray, hole: np.ndarray
+) -> Image.Image:
+    """Output image: `base` everywhere, the filled `canvas` (RGB uint8) on hole pixels only.
+
+    Alpha is passed through unchanged, the hole included; grey outputs take the luminance of
+    the fill (Pillow's formula), 16-bit outputs scale it by 257 so 255 maps to 65535.
+    """
+    if mode == "RGB":
+        return Image.fromarray(canvas, "RGB")
+    out = base.copy()
+    if mode == "RGBA":
+        out[hole, :3] = canvas[hole]
+        return Image.fromarray(out, "RGBA")
+    grey = np.asarray(Image.fromarray(canvas, "RGB").convert("L"))
+    if mode == "L":
+        out[hole] = grey[hole]
+        return Image.fromarray(out, "L")
+    if mode == "LA":
+        out[hole, 0] = grey[hole]
+        return Image.fromarray(out, "LA")
+    out[hole] = grey[hole].astype(np.uint16) * 257
+    return Image.fromarray(out)  # uint16 -> I;16
+
+
+def overlay_image(rgb: np.ndarray, hole: np.ndarray) -> Image.Image:
+    """The input with its hole tinted red, to check masks at a glance."""
+    out = rgb.astype(np.float32)
+    out[hole] = out[hole] * 0.4 + np.array([255.0, 0.0, 0.0]) * 0.6
+    return Image.fromarray(np.rint(out).astype(np.uint8), "RGB")
+
+
+# Standard deviation (in levels of 0..255) shown at the top of the colour scale; fixed, so maps
+# of different images compare.
+UNCERTAINTY_FULL_SCALE = 64.0
+
+
+def uncertainty_image(
+    rgb: np.ndarray, canvases: list[np.ndarray], hole: np.ndarray, lut: np.ndarray
+) -> Image.Image:
+    """Per-pixel standard deviation across samples (mean over channels) as a heat map.
+
+    Outside the hole the input is shown dimmed in grey, for orientation.
+    """
+    stack = np.stack([c.astype(np.float32) for c in canvases])
+    std = stack.std(axis=0).mean(axis=2)
+    level = np.clip(std / UNCERTAINTY_FULL_SCALE * 255.0, 0, 255).astype(np.uint8)
+    heat = lut[level]
+    dim = (rgb.astype(np.float32).mean(axis=2) * 0.35).astype(np.uint8)
+    out = np.repeat(dim[:, :, None], 3, axis=2)
+    out[hole] = heat[hole]
+    return Image.fromarray(out, "RGB")
+
+
+def heat_lut() -> np.ndarray:
+    """256x3 uint8 colour table (matplotlib's inferno)."""
+    from matplotlib import colormaps
+
+    return (colormaps["inferno"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def thumbnail(img: Image.Image, size: int) -> Image.Image:
+    """An RGB image fitted into a size x size grey cell, aspect kept (small ones enlarged)."""
+    scale = min(size / img.width, size / img.height)
+    fitted = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    fitted_img = img.convert("RGB").resize(fitted, resample)
+    cell = Image.new("RGB", (size, size), (128, 128, 128))
+    cell.paste(fitted_img, ((size - fitted[0]) // 2, (size - fitted[1]) // 2))
+    return cell
