@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,8 @@ class _Source:
     items: Callable[[], Iterator[EvalItem]]
     total: int | None
     skipped: Callable[[], int] = lambda: 0
+    # The text encoder that made the shards' caption embeddings, when shards.json records it.
+    text_encoder: dict[str, Any] | None = None
 
 
 @dataclass
@@ -116,6 +118,11 @@ def _load_model(folder: Path | None, device: Any) -> tuple[Any, Path]:
     from model.hvae import HVAE, default_model_path
 
     path = Path(folder) if folder is not None else default_model_path()
+    if folder is None and not (path / "config.json").is_file():
+        raise InpaintError(
+            f"{path}: the bundled default model is not installed; pass --model FOLDER",
+            exit_code=2,
+        )
     try:
         model = HVAE.from_pretrained(path, map_location=device)
     except ValueError as error:
@@ -179,49 +186,57 @@ def _fit_to_resolution(
     return fitted, np.asarray(mask_image.crop(box)) >= 128
 
 
-def _folder_captions(root: Path) -> dict[str, str]:
-    """Captions from `metadata.jsonl` (file_name + text), keyed by path relative to `root`."""
-    metadata = root / "metadata.jsonl"
-    if not metadata.is_file():
-        return {}
-    captions: dict[str, str] = {}
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            captions[Path(row["file_name"]).as_posix()] = str(row.get("text") or "")
-        except (ValueError, KeyError, TypeError):
-            raise InpaintError(
-                f"{metadata}:{number}: not a JSON object with file_name", 1
-            ) from None
-    return captions
-
-
 class _MaskFolder:
-    """Masks matched to images by relative path or stem: `<stem>.png` or `<stem>_mask*.png`."""
+    """Masks matched as `inpaint run` matches them: by relative folder (then the top folder) and
+    stem, `<stem>.<image ext>` first (PNG preferred), else the union of `<stem>_mask*.png`; a
+    single mask file serves every image."""
 
     def __init__(self, root: Path) -> None:
+        from inpaint_cli.images import IMAGE_EXTENSIONS, MASK_NAME_RE
+
         self.root = root
         self.single = root if root.is_file() else None
-
-    def find(self, relative: str) -> Path | None:
+        self.by_stem: dict[tuple[str, str], list[Path]] = {}
+        self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
         if self.single is not None:
-            return self.single
-        rel = Path(relative)
-        stem = rel.with_suffix("").name
-        for folder in (self.root / rel.parent, self.root):
-            exact = folder / f"{stem}.png"
-            if exact.is_file():
-                return exact
-            matches = sorted(folder.glob(f"{_glob_escape(stem)}_mask*.png"))
-            if matches:
-                return matches[0]
-        return None
+            return
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            folder = relative.parent.as_posix()
+            named = MASK_NAME_RE.match(path.name)
+            if named:
+                self.by_mask_name.setdefault((folder, named["stem"]), []).append(path)
+            else:
+                self.by_stem.setdefault((folder, path.stem), []).append(path)
 
+    def find(self, folder: str, stem: str) -> list[Path]:
+        if self.single is not None:
+            return [self.single]
+        for key in dict.fromkeys([(folder, stem), (".", stem)]):
+            same_stem = self.by_stem.get(key)
+            if same_stem:
+                return [min(same_stem, key=lambda p: (p.suffix.lower() != ".png", p.name))]
+            named = self.by_mask_name.get(key)
+            if named:
+                return named
+        return []
 
-def _glob_escape(text: str) -> str:
-    return "".join(f"[{char}]" if char in "*?[]" else char for char in text)
+    def load(self, name: str, stem: str, width: int, height: int) -> np.ndarray:
+        """The union of the holes of the masks for `name` (an image's relative path or a shard
+        key, whose last part is `stem`), resized (nearest) to width x height."""
+        from inpaint_cli.images import load_mask
+
+        paths = self.find(PurePosixPath(name).parent.as_posix(), stem)
+        if not paths:
+            raise InpaintError(f"{name}: no mask found in {self.root}", exit_code=1)
+        hole = np.zeros((height, width), dtype=bool)
+        for path in paths:
+            hole |= load_mask(path, (width, height), resize=True)
+        return hole
 
 
 class _Warnings:
@@ -238,48 +253,62 @@ class _Warnings:
 
 
 def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
-    from inpaint_cli.images import image_to_rgb_uint8, list_images, load_image, load_mask
+    from inpaint_cli.images import decode_image, image_to_rgb_uint8
     from inpaint_cli.masks import make_mask
+    from inpaint_cli.shards import folder_items
 
     root = Path(options.data)
-    paths = list_images(root)
-    if not paths:
+    # Read exactly as `inpaint shards` reads a folder: metadata.jsonl/csv, else sidecar .txt.
+    sources = folder_items(root, "text", None, lambda name, problem: warn(f"{name}: {problem}"))
+    if not sources:
         raise InpaintError(f"{root}: no images found", exit_code=2)
     if options.limit:
-        paths = paths[: options.limit]
-    captions = _folder_captions(root)
+        sources = sources[: options.limit]
     mask_folder = None if options.masks in MASK_KINDS else _MaskFolder(Path(options.masks))
     skipped = [0]
 
     def items() -> Iterator[EvalItem]:
         skipped[0] = 0
-        for path in paths:
-            relative = path.relative_to(root).as_posix()
+        for source in sources:
+            relative = source.info["source"]
             try:
-                image = image_to_rgb_uint8(load_image(path))
-                if mask_folder is None:
-                    mask = None
-                else:
-                    mask_path = mask_folder.find(relative)
-                    if mask_path is None:
-                        raise InpaintError(f"{path}: no mask found in {mask_folder.root}", 1)
-                    mask = load_mask(mask_path, (image.shape[1], image.shape[0]), resize=True)
+                image = image_to_rgb_uint8(decode_image(source.read_image(), source.name))
+                mask = None
+                if mask_folder is not None:
+                    stem = PurePosixPath(relative).stem
+                    mask = mask_folder.load(relative, stem, image.shape[1], image.shape[0])
             except InpaintError as error:
                 warn(str(error))
+                skipped[0] += 1
+                continue
+            except OSError as error:
+                warn(f"{source.name}: cannot read ({error.strerror or error})")
                 skipped[0] += 1
                 continue
             image, mask = _fit_to_resolution(image, mask, resolution)
             if mask is None:
                 rng = np.random.default_rng(stable_seed(options.seed, relative))
                 mask = make_mask(options.masks, resolution, resolution, rng, options.hole_area)
-            yield EvalItem(relative, image, mask, captions.get(relative, ""))
+            yield EvalItem(relative, image, mask, source.caption or "")
 
-    return _Source(str(root), items, len(paths), lambda: skipped[0])
+    return _Source(str(root), items, len(sources), lambda: skipped[0])
+
+
+def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
+    """The text encoder `inpaint shards` recorded in shards.json beside the first local shard."""
+    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    if not local:
+        return None
+    summary = Path(local[0]).parent / "shards.json"
+    try:
+        record = json.loads(summary.read_text(encoding="utf-8")).get("text_encoder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
     from inpaint_cli import data
-    from inpaint_cli.images import load_mask
 
     try:
         urls = data.expand_urls(options.data)
@@ -313,13 +342,9 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
             for index, key in enumerate(batch["key"]):
                 mask = masks[index]
                 if mask_folder is not None:
-                    mask_path = mask_folder.find(key)
-                    if mask_path is None:
-                        warn(f"{key}: no mask found in {mask_folder.root}")
-                        skipped[0] += 1
-                        continue
                     try:
-                        mask = load_mask(mask_path, (resolution, resolution), resize=True)
+                        stem = PurePosixPath(key).name
+                        mask = mask_folder.load(key, stem, resolution, resolution)
                     except InpaintError as error:
                         warn(str(error))
                         skipped[0] += 1
@@ -330,7 +355,9 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
                 if options.limit and count >= options.limit:
                     return
 
-    return _Source(options.data, items, options.limit or None, lambda: skipped[0])
+    source = _Source(options.data, items, options.limit or None, lambda: skipped[0])
+    source.text_encoder = _shard_encoder_record(urls)
+    return source
 
 
 def _open_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
@@ -361,13 +388,31 @@ class _CaptionEmbedder:
     (built on first need and checked against the encoder the model was trained with); an empty
     caption gets the model's learned empty-caption embedding."""
 
-    def __init__(self, model: Any, encoder_path: str | None, device: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        encoder_path: str | None,
+        device: Any,
+        stored_encoder: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self.dim = int(model.config.caption_dim)
         self.encoder_path = encoder_path
         self.device = device
         self.encoder: Any = None
         self.sources: set[str] = set()
+        # Shard embeddings made by another encoder than the model's would be silently wrong:
+        # then every caption is embedded again with the model's own encoder.
+        self.use_stored = True
+        expected = model.config.text_encoder
+        if self.enabled and stored_encoder is not None and expected is not None:
+            from conditioning import check_same_encoder
+
+            try:
+                check_same_encoder(expected, stored_encoder)
+            except ValueError:
+                self.use_stored = False
+                self.sources.add("shard embeddings ignored (another text encoder)")
 
     @property
     def enabled(self) -> bool:
@@ -408,7 +453,7 @@ class _CaptionEmbedder:
         rows: list[Any] = [None] * len(captions)
         to_encode = []
         for index, caption in enumerate(captions):
-            embedding = None if stored is None else stored[index]
+            embedding = None if stored is None or not self.use_stored else stored[index]
             if not caption:
                 rows[index] = self.model.empty_caption.detach().float().cpu()
                 self.sources.add("learned empty caption")
@@ -949,7 +994,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     resolution = int(model.config.resolution)
     warn = _Warnings(console)
     source = _open_source(options, resolution, warn)
-    embedder = _CaptionEmbedder(model, options.text_encoder, device)
+    embedder = _CaptionEmbedder(model, options.text_encoder, device, source.text_encoder)
     scores = _Scores()
     examples: list[_Example] = []
     captioned: list[tuple[str, str, np.ndarray | None]] = []

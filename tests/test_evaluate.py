@@ -328,3 +328,19 @@ def test_eval_command_prints_the_summary(
     bad = runner.invoke(app, [*args, "--masks", "nonsense", "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2
     assert "error: nonsense" in bad.output and "Traceback" not in bad.output
+
+
+def test_mask_folder_joins_several_named_masks_like_inpaint_run(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from inpaint_cli.evaluate import _MaskFolder
+
+    left, right = np.zeros((8, 8), dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8)
+    left[:, :2] = 255
+    right[:, 6:] = 255
+    Image.fromarray(left).save(tmp_path / "cat_mask_a.png")
+    Image.fromarray(right).save(tmp_path / "cat_mask_b.png")
+    hole = _MaskFolder(tmp_path).load("sub/cat.jpg", "cat", 16, 16)  # resized to the image
+    assert hole.sum() == 2 * 16 * 4 and hole[:, :4].all() and hole[:, 12:].all()
+    with pytest.raises(InpaintError):
+        _MaskFolder(tmp_path).load("dog.jpg", "dog", 16, 16)
