@@ -1,0 +1,478 @@
+"""Webdataset loaders for training and evaluation: seeded, resumable, multi-process correct.
+
+Shards are read by our own bounded tar reader and decoded by our own handlers only: images
+through `images.decode_image`, `txt` as UTF-8, `emb.f32` as raw float32. Any other member
+(`.pkl`, `.pth`, ...) stays bytes and is never looked at, so nothing is ever unpickled.
+
+Training (`train_loader`) is infinite: each (rank, worker) draws shards with replacement from its
+own seeded stream (webdataset's `ResampledShards`), so every rank always has a next batch and
+DDP never waits on a rank that ran out. A training batch is a *window* of `batch_size` raw
+samples; a corrupt sample in it is counted and its slot filled with another sample of the same
+window. Batch n therefore depends only on raw sample positions, and resuming at `start_batch`
+skips raw windows without decoding them, yet yields exactly what the uninterrupted run would.
+
+Evaluation (`eval_loader`) is one exact pass: shards are split over ranks x workers, or, with
+fewer shards than that, samples are (every process reads all shards and keeps its share).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.images import decode_image, image_to_rgb_uint8
+from inpaint_cli.masks import check_kind, make_mask, stable_seed
+
+IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
+# Larger members are skipped unread: a hostile (possibly compressed) shard cannot make us
+# allocate more than this for one file.
+MAX_MEMBER_BYTES = 64 << 20
+SHUFFLE_BUFFER = 1000
+SHUFFLE_INITIAL = 100
+# A worker that sees this many shards in a row without a sample, or this many windows in a row
+# without one decodable image, stops with an error instead of spinning forever.
+_MAX_EMPTY_IN_A_ROW = 50
+BACKGROUNDS = ("white", "black", "random")
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Shard URLs from brace patterns, comma or `::` separated lists, or a list of those.
+
+    `pipe:` URLs run a shell command (webdataset's convention) and are kept whole.
+    """
+    import braceexpand
+
+    parts = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    urls: list[str] = []
+    for part in parts:
+        part = str(part).strip()
+        # Split on commas outside braces only: "a-{0,1}.tar,b.tar" is two patterns.
+        pieces = [part] if part.startswith("pipe:") else re.split(r",(?![^{]*\})", part)
+        for piece in pieces:
+            if piece.strip():
+                urls.extend(braceexpand.braceexpand(piece.strip()))
+    if not urls:
+        raise InpaintError(f"{spec!r}: no shard URLs", exit_code=2)
+    return urls
+
+
+def _check_local(urls: list[str]) -> None:
+    for url in urls:
+        if not url.startswith("pipe:") and "://" not in url and not Path(url).is_file():
+            raise InpaintError(f"{url}: no such shard file", exit_code=2)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _split_member(name: str) -> tuple[str | None, str]:
+    # webdataset's convention: the key ends at the first dot of the file's base name.
+    folder, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    if not dot or not stem:
+        return None, ""
+    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
+
+
+def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
+    from webdataset.gopen import gopen
+
+    stream = gopen(url, "rb")
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    yield info.name, None
+                    continue
+                yield info.name, tar.extractfile(info).read()
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe: command's exit status is reported by the read error
+            pass
+
+
+def read_shard(url: str, stats: dict[str, int], warned: set[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (members grouped by key, bytes undecoded) of one shard.
+
+    A sample with an oversized, duplicated or path-escaping member is yielded marked `__bad__`
+    so it still takes its place in the stream. A truncated or unreadable shard ends early.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        for name, data in _tar_members(url):
+            key, suffix = _split_member(name)
+            if key is None:
+                continue
+            if current is not None and key != current["__key__"]:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+                if key.startswith("/") or ".." in key.split("/"):
+                    current["__bad__"] = "member name leaves the shard (absolute or '..')"
+            if data is None:
+                current["__bad__"] = f"member {suffix} is over {MAX_MEMBER_BYTES} bytes"
+            elif suffix in current:
+                current["__bad__"] = f"duplicate member {suffix}"
+            else:
+                current[suffix] = data
+    except Exception as error:  # tarfile/gzip/pipe raise many types for a damaged shard
+        stats["bad_shards"] += 1
+        if url not in warned:
+            warned.add(url)
+            _warn(f"{url}: truncated or unreadable shard ({error}); its last sample is dropped")
+        return
+    if current is not None:
+        yield current
+
+
+def _read_shards(
+    sources: Iterable[dict[str, Any]], stats: dict[str, int], warned: set[str]
+) -> Iterator[dict[str, Any]]:
+    empty_in_a_row = 0
+    for source in sources:
+        got_any = False
+        for sample in read_shard(source["url"], stats, warned):
+            got_any = True
+            yield sample
+        empty_in_a_row = 0 if got_any else empty_in_a_row + 1
+        if empty_in_a_row >= _MAX_EMPTY_IN_A_ROW:
+            raise InpaintError(f"{source['url']}: no readable samples in the shards", exit_code=1)
+
+
+def fit_to_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize the shorter side to `resolution` (bicubic), then centre-crop a square."""
+    height, width = image.shape[:2]
+    if (height, width) != (resolution, resolution):
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        resized = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        image = np.asarray(resized.crop((left, top, left + resolution, top + resolution)))
+    return image
+
+
+def decode_sample(raw: dict[str, Any], resolution: int, background) -> dict[str, Any]:
+    """Decode one raw sample with our handlers; InpaintError names the sample and the problem."""
+    name = f"{raw['__url__']} {raw['__key__']}"
+    if "__bad__" in raw:
+        raise InpaintError(f"{name}: {raw['__bad__']}", exit_code=1)
+    ext = next((ext for ext in IMAGE_MEMBERS if ext in raw), None)
+    if ext is None:
+        raise InpaintError(f"{name}: no image member", exit_code=1)
+    image = image_to_rgb_uint8(decode_image(raw[ext], f"{name}.{ext}"), background)
+    try:
+        caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+    except UnicodeDecodeError:
+        raise InpaintError(f"{name}: caption is not UTF-8 text", exit_code=1) from None
+    sample = {"key": raw["__key__"], "image": fit_to_resolution(image, resolution)}
+    sample["caption"] = caption
+    if "emb.f32" in raw:
+        data = raw["emb.f32"]
+        embedding = np.frombuffer(data, dtype="<f4") if len(data) % 4 == 0 else None
+        if embedding is None or embedding.size == 0 or not np.isfinite(embedding).all():
+            raise InpaintError(f"{name}: caption embedding is not finite float32", exit_code=1)
+        sample["embedding"] = embedding.astype(np.float32)
+    return sample
+
+
+def _collate(samples: list[dict[str, Any]], masks: list[np.ndarray]) -> dict[str, Any]:
+    images = torch.from_numpy(np.stack([sample["image"] for sample in samples]))
+    batch = {
+        "image": images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous(),
+        "mask": torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)),
+        "caption": [sample["caption"] for sample in samples],
+        "key": [sample["key"] for sample in samples],
+    }
+    embeddings = [sample.get("embedding") for sample in samples]
+    if all(e is not None for e in embeddings) and len({e.shape for e in embeddings}) == 1:
+        batch["caption_embedding"] = torch.from_numpy(np.stack(embeddings))
+    return batch
+
+
+def _background(kind: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))  # drawn always: streams stay aligned
+    if kind == "random":
+        return colour
+    return (0, 0, 0) if kind == "black" else (255, 255, 255)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _new_stats() -> dict[str, int]:
+    return {"skipped_samples": 0, "bad_shards": 0}
+
+
+def _take_counts(stats: dict[str, int], sent: dict[str, int]) -> dict[str, int]:
+    """What `stats` gained since the last call: counts travel to the main process with batches."""
+    delta = {name: stats[name] - sent[name] for name in stats}
+    sent.update(stats)
+    return delta
+
+
+class _TrainStream(torch.utils.data.IterableDataset):
+    def __init__(
+        self,
+        urls,
+        resolution,
+        batch_size,
+        seed,
+        rank,
+        mask_kinds,
+        hole_area,
+        background,
+        start_batch,
+    ) -> None:
+        super().__init__()
+        self.urls, self.resolution, self.batch_size = urls, resolution, batch_size
+        self.seed, self.rank, self.mask_kinds = seed, rank, mask_kinds
+        self.hole_area, self.background, self.start_batch = hole_area, background, start_batch
+
+    def _windows(self, logical: int, stats, warned) -> Iterator[list[dict[str, Any]]]:
+        import webdataset as wds
+
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(
+                self.urls,
+                seed=stable_seed(self.seed, self.rank, logical, "shards") % 2**31,
+                worker_seed=lambda: 0,  # the seed above already names rank and worker
+                deterministic=True,
+            ),
+            lambda sources: _read_shards(sources, stats, warned),
+            wds.shuffle(
+                SHUFFLE_BUFFER,
+                SHUFFLE_INITIAL,
+                rng=random.Random(stable_seed(self.seed, self.rank, logical, "shuffle")),
+            ),
+        )
+        window: list[dict[str, Any]] = []
+        for raw in pipeline:
+            window.append(raw)
+            if len(window) == self.batch_size:
+                yield window
+                window = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        # DataLoader hands out batches round-robin from worker 0; rotating the roles makes
+        # the worker that owns batch `start_batch` go first, so resuming keeps the order.
+        logical = (worker + self.start_batch) % workers
+        skip = max(0, -(-(self.start_batch - logical) // workers))
+        stats, sent, warned, empty_in_a_row = _new_stats(), _new_stats(), set(), 0
+        try:
+            for index, window in enumerate(self._windows(logical, stats, warned)):
+                if index < skip:
+                    continue
+                batch = self._decode_window(window, index, logical, stats, warned)
+                if batch is None:
+                    empty_in_a_row += 1
+                    if empty_in_a_row >= _MAX_EMPTY_IN_A_ROW:
+                        raise InpaintError(f"{self.urls[0]}: no decodable images", exit_code=1)
+                    continue
+                empty_in_a_row = 0
+                batch["_stats"] = _take_counts(stats, sent)
+                yield batch
+        except InpaintError as error:
+            yield {"_error": str(error), "_stats": _take_counts(stats, sent)}
+
+    def _decode_window(self, window, index, logical, stats, warned) -> dict[str, Any] | None:
+        slots = []
+        for slot, raw in enumerate(window):
+            rng = np.random.default_rng(stable_seed(self.seed, self.rank, logical, index, slot))
+            kind = self.mask_kinds[int(rng.integers(len(self.mask_kinds)))]
+            background = _background(self.background, rng)
+            try:
+                sample = decode_sample(raw, self.resolution, background)
+            except InpaintError as error:
+                stats["skipped_samples"] += 1
+                if raw["__url__"] + raw["__key__"] not in warned:
+                    warned.add(raw["__url__"] + raw["__key__"])
+                    _warn(str(error))
+                sample = None
+            mask = make_mask(kind, self.resolution, self.resolution, rng, self.hole_area)
+            slots.append((sample, mask))
+        good = [sample for sample, _ in slots if sample is not None]
+        if not good:
+            return None
+        # A corrupt sample's slot takes another sample of the window: batch size and the
+        # window arithmetic that makes resuming exact both stay fixed.
+        samples = [sample or good[slot % len(good)] for slot, (sample, _) in enumerate(slots)]
+        return _collate(samples, [mask for _, mask in slots])
+
+
+class _EvalStream(torch.utils.data.IterableDataset):
+    def __init__(
+        self,
+        urls,
+        resolution,
+        batch_size,
+        seed,
+        rank,
+        world_size,
+        mask_kind,
+        hole_area,
+        background,
+    ) -> None:
+        super().__init__()
+        self.urls, self.resolution, self.batch_size = urls, resolution, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.mask_kind, self.hole_area, self.background = mask_kind, hole_area, background
+
+    def _raw_share(self, stats, warned) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        unit, units = self.rank * workers + worker, self.world_size * workers
+        if len(self.urls) >= units:
+            # split_by_node then split_by_worker, with the rank we were given
+            for url in self.urls[unit::units]:
+                yield from read_shard(url, stats, warned)
+            return
+        # Fewer shards than processes: everyone reads everything and keeps every units-th.
+        sources = ({"url": url} for url in self.urls)
+        for position, raw in enumerate(_read_shards(sources, stats, warned)):
+            if position % units == unit:
+                yield raw
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stats, sent, warned = _new_stats(), _new_stats(), set()
+        samples, masks = [], []
+        try:
+            for raw in self._raw_share(stats, warned):
+                rng = np.random.default_rng(stable_seed(self.seed, "eval", raw["__key__"]))
+                background = _background(self.background, rng)
+                try:
+                    sample = decode_sample(raw, self.resolution, background)
+                except InpaintError as error:
+                    stats["skipped_samples"] += 1
+                    _warn(str(error))
+                    continue
+                samples.append(sample)
+                size = self.resolution
+                masks.append(make_mask(self.mask_kind, size, size, rng, self.hole_area))
+                if len(samples) == self.batch_size:
+                    batch = _collate(samples, masks)
+                    batch["_stats"] = _take_counts(stats, sent)
+                    samples, masks = [], []
+                    yield batch
+        except InpaintError as error:
+            yield {"_error": str(error), "_stats": _take_counts(stats, sent)}
+            return
+        if samples:
+            batch = _collate(samples, masks)
+            batch["_stats"] = _take_counts(stats, sent)
+            yield batch
+        # Counts after the last batch still reach the main process.
+        yield {"key": [], "_stats": _take_counts(stats, sent)}
+
+
+class ShardLoader:
+    """Iterable of batch dicts; `stats` counts skipped samples and bad shards seen so far.
+
+    Counts come from every worker process with its batches, so they are exact in the main
+    process (summed over this rank only).
+    """
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, num_workers: int) -> None:
+        self.dataset, self.num_workers = dataset, num_workers
+        self.stats = _new_stats()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers
+        )
+        for batch in loader:
+            for name, count in batch.pop("_stats").items():
+                self.stats[name] += count
+                SKIPPED[name] += count
+            if "_error" in batch:
+                raise InpaintError(batch["_error"], exit_code=1)
+            if batch["key"]:
+                yield batch
+
+
+# Process-wide totals over every loader (the per-loader numbers are in ShardLoader.stats).
+SKIPPED = _new_stats()
+
+
+def _check_common(urls, resolution, batch_size, num_workers, hole_area, background) -> list[str]:
+    urls = expand_urls(urls)
+    _check_local(urls)
+    if resolution < 1 or batch_size < 1 or num_workers < 0:
+        raise InpaintError("resolution and batch size must be >= 1, workers >= 0", exit_code=2)
+    low, high = hole_area
+    if not 0.0 < low <= high <= 1.0:
+        raise InpaintError(f"hole area {low}-{high}: expected 0 < low <= high <= 1", exit_code=2)
+    if background not in BACKGROUNDS:
+        raise InpaintError(
+            f"--background {background}: expected white, black or random", exit_code=2
+        )
+    return urls
+
+
+def train_loader(
+    urls: str | list[str],
+    resolution: int,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    mask_kinds: tuple[str, ...] = ("center", "box", "stroke"),
+    hole_area: tuple[float, float] = (0.1, 0.5),
+    background: str = "white",
+    start_batch: int = 0,
+) -> ShardLoader:
+    """Infinite training batches for this rank; batch n is the same whenever it is produced.
+
+    The order depends on (seed, rank, num_workers, batch_size): resume with the same values.
+    `world_size` is accepted for symmetry; resampling needs no node split.
+    """
+    urls = _check_common(urls, resolution, batch_size, num_workers, hole_area, background)
+    kinds = tuple(check_kind(kind) for kind in mask_kinds)
+    if not kinds or start_batch < 0 or not 0 <= rank < world_size:
+        raise InpaintError("need a mask kind, start_batch >= 0 and 0 <= rank < world", exit_code=2)
+    stream = _TrainStream(
+        urls, resolution, batch_size, seed, rank, kinds, hole_area, background, start_batch
+    )
+    return ShardLoader(stream, num_workers)
+
+
+def eval_loader(
+    urls: str | list[str],
+    resolution: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    mask_kind: str = "center",
+    hole_area: tuple[float, float] = (0.1, 0.5),
+    background: str = "white",
+) -> ShardLoader:
+    """One exact pass: every readable sample once across ranks x workers, masks fixed per key."""
+    urls = _check_common(urls, resolution, batch_size, num_workers, hole_area, background)
+    check_kind(mask_kind)
+    if not 0 <= rank < world_size:
+        raise InpaintError(f"rank {rank} outside world size {world_size}", exit_code=2)
+    stream = _EvalStream(
+        urls, resolution, batch_size, seed, rank, world_size, mask_kind, hole_area, background
+    )
+    return ShardLoader(stream, num_workers)
