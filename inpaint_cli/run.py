@@ -116,7 +116,10 @@ class Prepared:
 def _load_hole_mask(item: Item, size: tuple[int, int], options: RunOptions) -> np.ndarray:
     mask = np.zeros((size[1], size[0]), bool)
     for mask_path in item.masks:
-        mask |= load_mask(mask_path, size, resize=options.resize_masks)
+        try:
+            mask |= load_mask(mask_path, size, resize=options.resize_masks)
+        except InpaintError as error:  # name the image too: that is what the user looks for
+            raise InpaintError(f"{item.source}: mask {error}", exit_code=1) from None
     return windows.dilate_mask(mask, options.dilate)
 
 

@@ -1,0 +1,355 @@
+"""`inpaint run` on a mixed folder with a tiny random model: outputs, naming, masks, captions,
+resuming, reproducibility, manifest and path errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from inpaint_cli.app import app
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.run import RunOptions, run_folder
+from inpaint_cli.windows import crop_window, hole_windows, paste_window
+
+RNG_SEED = 1234
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from model.hvae import HVAE, preset_config
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    HVAE(preset_config("tiny")).save_pretrained(folder)
+    return folder
+
+
+def _noise_image(rng: np.random.Generator, width: int, height: int, channels: int = 3):
+    # smooth-ish content, so JPEG round trips do not matter and fills are visible
+    base = rng.integers(0, 255, (height // 4 + 1, width // 4 + 1, channels), dtype=np.uint8)
+    big = np.kron(base, np.ones((4, 4, 1), np.uint8))[:height, :width]
+    return big[:, :, 0] if channels == 1 else big
+
+
+def _box_mask(width: int, height: int, boxes: list[tuple[float, float, float, float]]):
+    mask = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        mask[int(y0 * height) : max(int(y1 * height), int(y0 * height) + 1),
+             int(x0 * width) : max(int(x1 * width), int(x0 * width) + 1)] = 255  # fmt: skip
+    return mask
+
+
+def _save_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+
+
+def make_mixed_folder(root: Path) -> dict:
+    """The folder of issue 4: good images of many kinds plus three that must fail."""
+    rng = np.random.default_rng(RNG_SEED)
+    images, masks = root / "images", root / "masks"
+    (images / "sub" / "deep").mkdir(parents=True)
+    masks.mkdir()
+    far_apart = [(0.05, 0.05, 0.15, 0.15), (0.8, 0.75, 0.9, 0.9)]
+    centre = [(0.3, 0.3, 0.6, 0.7)]
+    good = {}
+
+    def add(rel: str, img: Image.Image, boxes, mask_rel: str | None = None, **save) -> None:
+        path = images / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, **save)
+        shown = ImageOps.exif_transpose(Image.open(path))
+        mask = _box_mask(shown.width, shown.height, boxes)
+        _save_mask(masks / (mask_rel or str(Path(rel).with_suffix(".png"))), mask)
+        good[rel] = mask > 127
+
+    add("small.png", Image.fromarray(_noise_image(rng, 17, 23)), centre)
+    add("big.jpg", Image.fromarray(_noise_image(rng, 640, 480)), far_apart, quality=95)
+    rgba = np.dstack([_noise_image(rng, 50, 40), rng.integers(0, 256, (40, 50), dtype=np.uint8)])
+    add("sub/alpha.png", Image.fromarray(rgba, "RGBA"), centre)
+    add("sub/grey.png", Image.fromarray(_noise_image(rng, 31, 29, 1), "L"), far_apart)
+    rotated = Image.fromarray(_noise_image(rng, 48, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 24 wide, 48 high
+    add("sub/deep/rotated.jpg", rotated, centre, exif=exif.tobytes(), quality=95)
+    # a LaMa-style mask name in a sub-folder of MASKS
+    add("sub/deep/wide.png", Image.fromarray(_noise_image(rng, 120, 20)), centre,
+        mask_rel="sub/deep/wide_mask001.png")  # fmt: skip
+
+    Image.fromarray(_noise_image(rng, 20, 20)).save(images / "wrong_size.png")
+    _save_mask(masks / "wrong_size.png", np.full((10, 10), 255, np.uint8))
+    Image.fromarray(_noise_image(rng, 20, 20)).save(images / "unmasked.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    _save_mask(masks / "corrupt.png", np.full((20, 20), 255, np.uint8))
+    failing = ["corrupt.png", "unmasked.png", "wrong_size.png"]
+    return {"images": images, "masks": masks, "good": good, "failing": failing}
+
+
+def decoded(path: Path) -> Image.Image:
+    """The input as the product promises to treat it: EXIF orientation applied."""
+    return ImageOps.exif_transpose(Image.open(path))
+
+
+def expected_mode(img: Image.Image) -> str:
+    return {"P": "RGB", "CMYK": "RGB", "I;16B": "I;16", "I": "I;16"}.get(img.mode, img.mode)
+
+
+def assert_outside_unchanged(source: Path, output: Path, hole: np.ndarray) -> None:
+    src = decoded(source)
+    out = Image.open(output)
+    assert out.size == src.size
+    assert out.mode == expected_mode(src)
+    src_pixels = np.asarray(src.convert(out.mode) if out.mode != src.mode else src)
+    out_pixels = np.asarray(out)
+    assert np.array_equal(src_pixels[~hole], out_pixels[~hole])
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["run", *map(str, args)])
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> dict:
+    return make_mixed_folder(tmp_path)
+
+
+def base_args(folder: dict, model: Path, out: Path) -> list:
+    return [folder["images"], "--masks", folder["masks"], "--out", out, "--model", model,
+            "--num-workers", "0", "--batch-size", "7"]  # fmt: skip
+
+
+def test_mixed_folder_outputs_failures_and_resume(mixed: dict, tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = invoke(*base_args(mixed, tiny_model, out))
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for name in mixed["failing"]:
+        lines = [line for line in result.stderr.splitlines() if name in line]
+        assert len(lines) == 1, result.stderr
+    assert "640x480" not in result.stderr or "shrunk" in result.stderr
+    assert "big.jpg" in result.stderr and "shrunk" in result.stderr  # 640x480 hole: soft fill
+    for rel, hole in mixed["good"].items():
+        output = out / Path(rel).with_suffix(".png")
+        assert_outside_unchanged(mixed["images"] / rel, output, hole)
+        filled = np.asarray(Image.open(output))
+        source = np.asarray(decoded(mixed["images"] / rel).convert(Image.open(output).mode))
+        assert not np.array_equal(filled[hole], source[hole])  # the hole was filled
+    rgba_in = np.asarray(decoded(mixed["images"] / "sub/alpha.png"))
+    rgba_out = np.asarray(Image.open(out / "sub/alpha.png"))
+    assert np.array_equal(rgba_in[:, :, 3], rgba_out[:, :, 3])  # alpha untouched, hole included
+    assert Image.open(out / "sub/deep/rotated.png").size == (24, 48)
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["file"] for f in failures) == mixed["failing"]
+    summary_line = result.stdout.strip().splitlines()[-1]
+    assert f"done {len(mixed['good'])}, skipped 0, failed 3" in summary_line
+    # nothing but outputs and the two records in OUT
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    expected = sorted(str(Path(r).with_suffix(".png")) for r in mixed["good"])
+    assert written == sorted(expected + ["failures.jsonl", "manifest.jsonl"])
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = invoke(*base_args(mixed, tiny_model, out), "--json")
+    assert again.exit_code == 1
+    summary = json.loads(again.stdout)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, len(mixed["good"]), 3)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+
+def _pngs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_same_seed_same_bytes_and_batch_size_tolerance(mixed: dict, tiny_model: Path, tmp_path):
+    def run(out: str, batch: int, seed: int = 3, workers: int = 0) -> dict:
+        options = RunOptions(images=mixed["images"], masks=mixed["masks"], out=tmp_path / out,
+                             model=tiny_model, batch_size=batch, seed=seed, samples=2,
+                             num_workers=workers)  # fmt: skip
+        run_folder(options)
+        return _pngs(tmp_path / out)
+
+    first, second = run("a", 7), run("b", 7, workers=2)
+    assert first == second and len(first) == 2 * len(mixed["good"])
+    assert run("c", 7, seed=4) != first
+    single = run("d", 1)
+    changed = total = 0
+    for name, data in first.items():
+        a = np.asarray(Image.open(io.BytesIO(data))).astype(np.int32)
+        b = np.asarray(Image.open(io.BytesIO(single[name]))).astype(np.int32)
+        # 16-bit outputs would count 257 per level; this folder has none
+        assert np.abs(a - b).max() <= 1, name
+        changed += int((a != b).sum())
+        total += a.size
+    assert changed <= 0.001 * total
+
+
+def test_dry_run_writes_nothing(mixed: dict, tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    result = invoke(*base_args(mixed, tiny_model, out), "--dry-run", "--json")
+    assert result.exit_code == 1  # two files would fail
+    summary = json.loads(result.stdout)
+    assert summary["would_fill"] == len(mixed["good"]) + 2  # wrong size/corrupt show later
+    assert [p["file"] for p in summary["plan"] if p["action"] == "fail"] == ["unmasked.png"]
+    assert not out.exists()
+
+
+def test_manifest_refuses_other_settings_unless_overwrite(mixed, tiny_model, tmp_path):
+    single = tmp_path / "one"
+    (single / "masks").mkdir(parents=True)
+    shutil.copy(mixed["images"] / "small.png", single / "small.png")
+    shutil.copy(mixed["masks"] / "small.png", single / "masks" / "small.png")
+    out = tmp_path / "out"
+    args = [single / "small.png", "--masks", single / "masks", "--out", out, "--model",
+            tiny_model, "--num-workers", "0"]  # fmt: skip
+    assert invoke(*args).exit_code == 0
+    refused = invoke(*args, "--seed", "5")
+    assert refused.exit_code == 2
+    assert "manifest.jsonl" in refused.stderr and "seed 0 -> 5" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    redone = invoke(*args, "--seed", "5", "--overwrite", "--json")
+    assert redone.exit_code == 0 and json.loads(redone.stdout)["done"] == 1
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["settings"]["seed"] for r in records] == [5]
+    assert len(records[0]["settings"]["model_sha256"]) == 64
+
+
+def test_single_mask_for_all_with_resize_and_dilate(mixed, tiny_model, tmp_path):
+    mask = np.zeros((10, 10), np.uint8)
+    mask[4:6, 4:6] = 255
+    _save_mask(tmp_path / "one_mask.png", mask)
+    out = tmp_path / "out"
+    (mixed["images"] / "corrupt.png").unlink()
+    result = invoke(mixed["images"], "--masks", tmp_path / "one_mask.png", "--out", out,
+                    "--model", tiny_model, "--num-workers", "0", "--resize-masks",
+                    "--dilate", "2", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == len(mixed["good"]) + 2
+    small_in = np.asarray(decoded(mixed["images"] / "small.png"), np.int32)
+    small_out = np.asarray(Image.open(out / "small.png"), np.int32)
+    changed = np.any(small_in != small_out, axis=2)
+    # resized mask: rows/cols 40%..60% of 23x17, grown by 2 px: nothing outside that changed
+    ys, xs = np.nonzero(changed)
+    assert changed.any() and ys.min() >= 9 - 2 and ys.max() <= 13 + 2 and xs.max() <= 10 + 2
+
+
+def test_masks_beside_images_are_not_images(tmp_path: Path, tiny_model: Path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for stem in ("cat", "dog"):
+        Image.fromarray(_noise_image(rng, 32, 24)).save(folder / f"{stem}.jpg")
+        _save_mask(folder / f"{stem}_mask.png", _box_mask(32, 24, [(0.2, 0.2, 0.5, 0.5)]))
+    out = tmp_path / "out"
+    result = invoke(folder, "--masks", folder, "--out", out, "--model", tiny_model,
+                    "--num-workers", "0", "--samples", "3", "--save-mask-overlay",
+                    "--save-uncertainty", "--grid", tmp_path / "grid.png")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted(
+        f"{s}_{suffix}.png" for s in ("cat", "dog") for suffix in ("0", "1", "2", "overlay",
+                                                                     "uncertainty")
+    )  # fmt: skip
+    heat = np.asarray(Image.open(out / "cat_uncertainty.png"))
+    assert heat.shape == (24, 32, 3)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (128 * 4, 128 * 2)
+
+
+def test_stem_clash_keeps_extensions(tmp_path: Path, tiny_model: Path):
+    rng = np.random.default_rng(1)
+    folder, masks = tmp_path / "in", tmp_path / "masks"
+    folder.mkdir()
+    Image.fromarray(_noise_image(rng, 20, 20)).save(folder / "a.jpg")
+    Image.fromarray(_noise_image(rng, 20, 20)).save(folder / "a.png")
+    _save_mask(masks / "a.png", _box_mask(20, 20, [(0.3, 0.3, 0.6, 0.6)]))
+    out = tmp_path / "out"
+    result = invoke(folder, "--masks", masks, "--out", out, "--model", tiny_model,
+                    "--num-workers", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.jpg.png", "a.png.png"]
+    assert "a.jpg -> a.jpg.png" in result.stderr
+
+
+def test_output_inside_input_is_skipped_and_same_folder_refused(tmp_path, tiny_model):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_noise_image(rng, 20, 20)).save(folder / "x.png")
+    _save_mask(tmp_path / "m" / "x.png", _box_mask(20, 20, [(0.3, 0.3, 0.6, 0.6)]))
+    args = ["--masks", tmp_path / "m", "--model", tiny_model, "--num-workers", "0", "--json"]
+    first = invoke(folder, "--out", folder / "filled", *args)
+    assert first.exit_code == 0 and json.loads(first.stdout)["total"] == 1
+    second = invoke(folder, "--out", folder / "filled", *args)
+    assert json.loads(second.stdout)["total"] == 1  # filled/x.png is not taken as an input
+    same = invoke(folder, "--out", folder, *args)
+    assert same.exit_code == 2 and "IMAGES folder itself" in same.stderr
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "out_is_file", "masks_missing"])
+def test_bad_paths_are_usage_errors(case: str, tmp_path: Path, tiny_model: Path):
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    if case != "missing":
+        images.mkdir()
+    if case in ("out_is_file", "masks_missing"):
+        Image.new("RGB", (8, 8)).save(images / "a.png")
+    if case == "out_is_file":
+        out.write_text("a file")
+    if case == "masks_missing":
+        masks.rmdir()
+    result = invoke(images, "--masks", masks, "--out", out, "--model", tiny_model)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    named = {"missing": "images", "empty": "images", "out_is_file": "out", "masks_missing": "masks"}
+    assert str(tmp_path / named[case]) in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_not_a_model_folder_and_bad_options(tmp_path: Path, mixed: dict):
+    (tmp_path / "junk").mkdir()
+    result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
+                    "--model", tmp_path / "junk")  # fmt: skip
+    assert result.exit_code == 2 and "not a model folder" in result.stderr
+    with pytest.raises(InpaintError) as error:
+        run_folder(RunOptions(mixed["images"], mixed["masks"], tmp_path / "o", samples=0))
+    assert error.value.exit_code == 2 and "--samples" in str(error.value)
+    for bad in ("--batch-size", "--samples"):
+        assert invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
+                      bad, "0").exit_code == 2  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def test_far_apart_holes_get_separate_windows_and_paste_only_holes():
+    mask = np.zeros((300, 400), bool)
+    mask[10:20, 10:30] = True
+    mask[250:280, 350:390] = True
+    found = hole_windows(mask, 16)
+    assert len(found) == 2
+    for window in found:
+        assert 0 <= window.x0 and window.x0 + window.side <= 400
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    canvas = image.copy()
+    for window in found:
+        crop, hole = crop_window(image, mask, window, 16)
+        assert crop.shape == (16, 16, 3) and hole.any()
+        paste_window(canvas, mask, window, np.zeros((16, 16, 3), np.float32))
+    assert np.array_equal(canvas[~mask], image[~mask])
+    assert (canvas[mask] == 0).all()
+    near = mask.copy()
+    near[22:25, 32:35] = True  # close to the first hole: one window for both
+    assert len(hole_windows(near, 16)) == 2
+    whole = np.ones((30, 50), bool)
+    (window,) = hole_windows(whole, 16)
+    assert window.side == 50 and window.y0 < 0  # taller than the image: padded as hole
