@@ -606,10 +606,12 @@ def run_folder(options: RunOptions) -> dict:
     images, masks, out = run_plan.check_paths(options)
     model_dir = run_plan.find_model_dir(options)
     config = run_plan.read_model_config(model_dir)
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    # Without cpu=True, Accelerate on a machine without GPUs ignores the launcher's world size.
+    state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
     log = _Log()
     root, files = run_plan.discover(images, out)

@@ -21,8 +21,8 @@ from inpaint_cli.windows import crop_window, hole_windows, paste_window
 RNG_SEED = 1234
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny HVAE saved as a model folder."""
     import torch
 
     from model.hvae import HVAE, preset_config
@@ -31,6 +31,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model") / "tiny"
     HVAE(preset_config("tiny")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory)
 
 
 def _noise_image(rng: np.random.Generator, width: int, height: int, channels: int = 3):
@@ -100,6 +105,8 @@ def decoded(path: Path) -> Image.Image:
 
 
 def expected_mode(img: Image.Image) -> str:
+    if img.mode == "P" and "transparency" in img.info:
+        return "RGBA"
     return {"P": "RGB", "CMYK": "RGB", "I;16B": "I;16", "I": "I;16"}.get(img.mode, img.mode)
 
 
