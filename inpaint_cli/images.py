@@ -78,6 +78,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         raise _fail(name, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
+            # Pillow's UserWarnings about odd metadata would be extra lines per file; the
+            # bomb warning (a RuntimeWarning) becomes an error.
+            warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
             _refuse_bombs(img, name)
@@ -96,7 +99,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     if width < 1 or height < 1:
         raise _fail(name, f"image has no pixels ({width}x{height})")
     try:
-        img = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            img = ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF: keep the stored orientation
         pass
     img = _to_srgb(img)
