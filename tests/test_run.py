@@ -360,3 +360,85 @@ def test_far_apart_holes_get_separate_windows_and_paste_only_holes():
     whole = np.ones((30, 50), bool)
     (window,) = hole_windows(whole, 16)
     assert window.side == 50 and window.y0 < 0  # taller than the image: padded as hole
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+@pytest.fixture(scope="session")
+def default_encoder_identity() -> dict:
+    from conditioning import TextEncoder
+
+    return TextEncoder().identity()
+
+
+def _caption_model(folder: Path, identity: dict) -> Path:
+    import torch
+
+    from model.hvae import HVAE, preset_config
+
+    torch.manual_seed(0)
+    config = preset_config("tiny", caption_dim=identity["dim"], text_encoder=identity)
+    HVAE(config).save_pretrained(folder)
+    return folder
+
+
+def _caption_folder(root: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(3)
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    for stem in ("listed", "sidecar", "plain"):
+        Image.fromarray(_noise_image(rng, 24, 24)).save(images / f"{stem}.png")
+        _save_mask(masks / f"{stem}.png", _box_mask(24, 24, [(0.2, 0.2, 0.7, 0.7)]))
+    (images / "sidecar.txt").write_text("a red apple\n", encoding="utf-8")
+    return images, masks
+
+
+def test_model_without_captions_ignores_them_with_one_warning(tmp_path, tiny_model):
+    images, masks = _caption_folder(tmp_path)
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--num-workers", "0", "--caption", "a red apple")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "caption" in line]
+    assert len(warnings) == 1 and "without captions" in warnings[0]
+
+
+def test_caption_model_uses_flag_file_and_sidecar(tmp_path, default_encoder_identity):
+    model = _caption_model(tmp_path / "model", default_encoder_identity)
+    images, masks = _caption_folder(tmp_path)
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "listed.png", "text": "a red apple"}) + "\n")
+
+    def run(out: str, **extra) -> dict[str, bytes]:
+        options = RunOptions(images=images, masks=masks, out=tmp_path / out, model=model,
+                             num_workers=0, batch_size=1, **extra)  # fmt: skip
+        assert run_folder(options)["done"] == 3
+        return _pngs(tmp_path / out)
+
+    red, blue = run("red", caption="a red apple"), run("blue", caption="a blue sky")
+    assert red["plain.png"] != blue["plain.png"]  # the caption reaches the model
+    mixed = run("mixed", caption_file=metadata)
+    assert mixed["listed.png"] == red["listed.png"]  # from metadata.jsonl
+    assert mixed["sidecar.png"] == red["sidecar.png"]  # from sidecar.txt
+    assert mixed["plain.png"] not in (red["plain.png"], blue["plain.png"])  # no caption
+
+
+def test_caption_model_refuses_another_text_encoder(tmp_path, default_encoder_identity):
+    other = {**default_encoder_identity, "name": "other-encoder", "weights_hash": "0" * 64}
+    model = _caption_model(tmp_path / "model", other)
+    images, masks = _caption_folder(tmp_path)
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", model,
+                    "--caption", "a red apple")  # fmt: skip
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "other-encoder" in lines[0] and str(model) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_bundled_model_is_a_clear_error(tmp_path, monkeypatch, mixed):
+    import model.hvae
+
+    monkeypatch.setattr(model.hvae, "default_model_path", lambda: tmp_path / "no-model")
+    result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "bundled default model" in result.stderr and "--model" in result.stderr
