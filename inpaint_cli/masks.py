@@ -167,7 +167,7 @@ def write_masks(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     counts = {"written": 0, "skipped": 0, "failed": 0}
     targets: set[Path] = set()
     with Progress(console=console, transient=True) as progress:

@@ -452,14 +452,14 @@ def write_shards(
     split_fractions = parse_splits(splits)
     if max_count < 1 or max_size < 1:
         raise InpaintError("--max-count and --max-size must be at least 1", exit_code=2)
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     skipped = 0
 
     def warn(name: str, problem: str) -> None:
         nonlocal skipped
         skipped += 1
         message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
-        console.print(f"warning: {message}", markup=False, soft_wrap=True)
+        console.print(f"warning: {message}", markup=False)
 
     items = _source_items(src, image_column, text_column, split_by, warn)
     _prepare_output(out, src, split_fractions)
