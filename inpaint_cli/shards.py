@@ -326,12 +326,13 @@ class _SplitWriter:
         return handle
 
     def _finish(self, temp_name: str) -> None:
-        handle = self._handles.pop(temp_name)
+        handle = self._handles[temp_name]
         handle.flush()
         os.fsync(handle.fileno())
         handle.close()
         final = self.out / f"{self.split}-{len(self.shards):06d}.tar"
         os.replace(temp_name, final)
+        del self._handles[temp_name]  # only now is it no longer ours to clean up
         self.shards.append(final)
 
     def write(self, sample: dict[str, Any]) -> None:

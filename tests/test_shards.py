@@ -1,0 +1,368 @@
+"""shards.py and `inpaint shards`: every source round-trips through shards and the loader."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from inpaint_cli import shards as shards_module
+from inpaint_cli.app import app
+from inpaint_cli.data import eval_loader, expand_urls
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.shards import assign_split, parse_splits, write_shards
+
+
+@pytest.fixture(autouse=True)
+def _stable_width(monkeypatch):
+    # rich and typer wrap at the terminal width; keep test output on single lines.
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def load_all(pattern: str, index_of, resolution: int = 8) -> dict[int, dict]:
+    """Every sample of a split through the evaluation loader, keyed by image index."""
+    found: dict[int, dict] = {}
+    for batch in eval_loader(pattern, resolution, 4):
+        assert batch["image"].shape[1:] == (3, resolution, resolution)
+        assert batch["mask"].shape[1:] == (1, resolution, resolution)
+        for row, caption in enumerate(batch["caption"]):
+            pixel = ((batch["image"][row, :, 0, 0] + 1) * 127.5).round().int().tolist()
+            index = index_of(pixel)
+            assert index not in found, "a sample came out twice"
+            found[index] = {"caption": caption, "key": batch["key"][row]}
+    return found
+
+
+def members(out) -> list[str]:
+    names = []
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names += tar.getnames()
+    return names
+
+
+def sample_json(out, key: str) -> dict:
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            if f"{key}.json" in tar.getnames():
+                return json.loads(tar.extractfile(f"{key}.json").read())
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("captions", ["metadata", "csv", "sidecar", "none"])
+def test_folder_round_trip(tmp_path, make_image_folder, index_of, captions) -> None:
+    rows = make_image_folder(tmp_path / "src", 7, captions=captions)
+    summary = write_shards(tmp_path / "src", tmp_path / "out", max_count=3)
+    train = summary["splits"]["train"]
+    assert train["count"] == 7 and len(train["shards"]) == 3 and summary["skipped"] == 0
+    found = load_all(train["pattern"], index_of)
+    assert sorted(found) == list(range(7))
+    for index, sample in found.items():
+        assert sample["caption"] == rows[f"img_{index}.png"]["text"]
+    if captions == "none":
+        assert not any(name.endswith(".txt") for name in members(tmp_path / "out"))
+
+
+def test_metadata_columns_are_kept_in_json(tmp_path, make_image_folder) -> None:
+    make_image_folder(tmp_path / "src", 2, captions="metadata", concepts=2)
+    write_shards(tmp_path / "src", tmp_path / "out")
+    keys = {name.split(".")[0] for name in members(tmp_path / "out")}
+    record = sample_json(tmp_path / "out", sorted(keys)[0])
+    assert record["metadata"]["concept"] in {"concept0", "concept1"}
+    assert record["source"] in {"img_0.png", "img_1.png"}
+    assert (record["width"], record["height"], record["format"]) == (24, 20, "PNG")
+
+
+def test_saved_hf_dataset_round_trip(tmp_path, index_of, png_sample) -> None:
+    datasets = pytest.importorskip("datasets")
+
+    features = datasets.Features(
+        {
+            "picture": datasets.Image(),
+            "words": datasets.Value("string"),
+            "n": datasets.Value("int32"),
+        }
+    )
+    rows = {
+        "picture": [{"bytes": png_sample(i, (9, 9)), "path": None} for i in range(5)],
+        "words": [f"words {i}" for i in range(5)],
+        "n": list(range(5)),
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hf"))
+    summary = write_shards(
+        tmp_path / "hf", tmp_path / "out", image_column="picture", text_column="words"
+    )
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    assert {index: sample["caption"] for index, sample in found.items()} == {
+        i: f"words {i}" for i in range(5)
+    }
+    record = sample_json(tmp_path / "out", found[3]["key"])
+    assert record["metadata"] == {"n": 3}
+
+
+def test_parquet_round_trip_with_named_columns(tmp_path, index_of, png_sample) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    for part in range(2):
+        indices = range(part * 3, part * 3 + 3)
+        table = pa.table(
+            {
+                "img": [{"bytes": png_sample(i, (5, 7)), "path": None} for i in indices],
+                "alt": [None if i == 4 else f"alt {i}" for i in indices],
+            }
+        )
+        pq.write_table(table, tmp_path / "pq" / f"part{part}.parquet")
+    summary = write_shards(tmp_path / "pq", tmp_path / "out", image_column="img", text_column="alt")
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    assert {i: s["caption"] for i, s in found.items()} == {
+        i: ("" if i == 4 else f"alt {i}") for i in range(6)
+    }
+    with pytest.raises(InpaintError, match="no column 'image'") as error:
+        write_shards(tmp_path / "pq" / "part0.parquet", tmp_path / "out2")
+    assert error.value.exit_code == 2
+
+
+def test_split_keeps_concepts_apart(tmp_path, make_image_folder, index_of) -> None:
+    rows = make_image_folder(tmp_path / "src", 48, captions="metadata", concepts=12)
+    summary = write_shards(
+        tmp_path / "src",
+        tmp_path / "out",
+        splits="train=0.5,val=0.25,test=0.25",
+        split_by="concept",
+        max_count=5,
+    )
+    concept_split: dict[str, str] = {}
+    seen = 0
+    for name, split in summary["splits"].items():
+        if split["count"] == 0:
+            assert split["shards"] == [] and split["pattern"] is None
+            continue
+        assert len(expand_urls(split["pattern"])) == len(split["shards"])
+        found = load_all(split["pattern"], index_of)
+        assert len(found) == split["count"]
+        seen += len(found)
+        for index in found:
+            concept = rows[f"img_{index}.png"]["concept"]
+            assert concept_split.setdefault(concept, name) == name, f"{concept} in two splits"
+    assert seen == 48
+    assert len(set(concept_split.values())) >= 2  # the hash really spreads concepts
+
+
+def test_split_assignment_is_stable_and_follows_fractions() -> None:
+    splits = parse_splits("a=0.7,b=0.3")
+    names = [assign_split(f"group {i}", splits) for i in range(2000)]
+    assert names == [assign_split(f"group {i}", splits) for i in range(2000)]
+    assert 0.65 < names.count("a") / 2000 < 0.75
+    for bad in ["train=0.9", "train=0.5,train=0.5", "a b=1", "train=x", "../x=1"]:
+        with pytest.raises(InpaintError):
+            parse_splits(bad)
+
+
+def test_bad_files_are_skipped_with_one_warning_each(tmp_path, make_image_folder, capsys) -> None:
+    make_image_folder(tmp_path / "src", 3, captions="sidecar")
+    (tmp_path / "src" / "empty.png").write_bytes(b"")
+    (tmp_path / "src" / "text.jpg").write_text("not a jpeg")
+    whole = (tmp_path / "src" / "img_0.png").read_bytes()
+    (tmp_path / "src" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    Image.new("RGB", (4, 4)).save(tmp_path / "src" / "latin.png")
+    (tmp_path / "src" / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 4
+    assert summary["splits"]["train"]["count"] == 3
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(warnings) == 4
+    for name in ["empty.png", "text.jpg", "cut.png", "latin.txt"]:
+        assert sum(name in line for line in warnings) == 1
+
+
+def test_names_never_become_paths(tmp_path, make_image_folder) -> None:
+    make_image_folder(tmp_path / "src", 2, captions="metadata")
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    odd = tmp_path / "src" / "sub dir" / "a.b ü..png"
+    odd.parent.mkdir()
+    Image.new("RGB", (4, 4)).save(odd)
+    with open(tmp_path / "src" / "metadata.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"file_name": "../outside.png", "text": "escape"}) + "\n")
+        handle.write(json.dumps({"file_name": "/etc/passwd", "text": "absolute"}) + "\n")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 2 and summary["splits"]["train"]["count"] == 3
+    for name in members(tmp_path / "out"):
+        assert re.fullmatch(r"[A-Za-z0-9_-]+\.(png|txt|json)", name), name
+    captions = []
+    for shard in (tmp_path / "out").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            captions += [tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".txt")]
+    assert b"escape" not in captions and b"absolute" not in captions
+
+
+def test_output_rules(tmp_path, make_image_folder) -> None:
+    make_image_folder(tmp_path / "src", 2)
+    with pytest.raises(InpaintError, match="inside the input"):
+        write_shards(tmp_path / "src", tmp_path / "src" / "shards")
+    with pytest.raises(InpaintError, match="no such"):
+        write_shards(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InpaintError, match="no images"):
+        write_shards(tmp_path / "empty", tmp_path / "out")
+    write_shards(tmp_path / "src", tmp_path / "out")
+    with pytest.raises(InpaintError, match="already holds") as error:
+        write_shards(tmp_path / "src", tmp_path / "out")
+    assert error.value.exit_code == 2
+    assert sorted(os.listdir(tmp_path / "out")) == ["shards.json", "train-000000.tar"]
+
+
+def test_interrupted_run_leaves_no_shards(tmp_path, make_image_folder, monkeypatch) -> None:
+    make_image_folder(tmp_path / "src", 9)
+    real = shards_module._image_member
+    calls = []
+
+    def interrupted(data, name):
+        calls.append(name)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(data, name)
+
+    monkeypatch.setattr(shards_module, "_image_member", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path / "src", tmp_path / "out", max_count=2)
+    assert os.listdir(tmp_path / "out") == []  # three shards were complete: removed too
+    monkeypatch.setattr(shards_module, "_image_member", real)
+    assert write_shards(tmp_path / "src", tmp_path / "out")["splits"]["train"]["count"] == 9
+
+
+def test_disk_full_while_writing_is_one_clear_error(tmp_path, make_image_folder, monkeypatch):
+    make_image_folder(tmp_path / "src", 3)
+
+    def no_space(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards_module.os, "replace", no_space)
+    with pytest.raises(InpaintError) as error:
+        write_shards(tmp_path / "src", tmp_path / "out")
+    expected = f"{tmp_path / 'out'}: cannot write shards (No space left on device)"
+    assert str(error.value) == expected
+    assert os.listdir(tmp_path / "out") == []
+
+
+class FakeEncoder:
+    """Stands in for conditioning.TextEncoder: a deterministic 5-dim embedding per caption."""
+
+    dim = 5
+
+    def __init__(self, path=None, device="cpu") -> None:
+        self.path = path
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return torch.tensor([[len(c), c.count("1"), 0.5, -1.0, 2.0] for c in captions])
+
+    def identity(self) -> dict:
+        return {"name": "fake", "dim": self.dim, "weights_hash": "0" * 64}
+
+
+def test_embed_captions_stores_raw_float32(tmp_path, make_image_folder, index_of, monkeypatch):
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", FakeEncoder)
+    rows = make_image_folder(tmp_path / "src", 12, captions="metadata")
+    summary = write_shards(tmp_path / "src", tmp_path / "out", embed_captions=True)
+    assert summary["text_encoder"]["name"] == "fake"
+    assert json.loads((tmp_path / "out" / "shards.json").read_text())["text_encoder"]["dim"] == 5
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        name = next(n for n in tar.getnames() if n.endswith(".emb.f32"))
+        assert len(tar.extractfile(name).read()) == 5 * 4
+    for batch in eval_loader(summary["splits"]["train"]["pattern"], 8, 5):
+        expected = FakeEncoder().encode(batch["caption"])
+        assert batch["caption_embedding"].dtype == torch.float32
+        assert torch.equal(batch["caption_embedding"], expected)
+        for row in range(len(batch["key"])):
+            pixel = ((batch["image"][row, :, 0, 0] + 1) * 127.5).round().int().tolist()
+            assert batch["caption"][row] == rows[f"img_{index_of(pixel)}.png"]["text"]
+
+
+def test_shards_command_prints_paste_ready_patterns(tmp_path, make_image_folder) -> None:
+    make_image_folder(tmp_path / "src", 6, concepts=3, captions="metadata")
+    result = CliRunner().invoke(
+        app,
+        [
+            "shards",
+            str(tmp_path / "src"),
+            str(tmp_path / "out"),
+            "--max-count",
+            "1",
+            "--splits",
+            "train=0.5,val=0.5",
+            "--split-by",
+            "concept",
+        ],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    total = 0
+    for line in lines[:2]:
+        match = re.fullmatch(r"(\w+): (\d+) samples in (\d+) shards?: --data '(.+)'", line)
+        if match is None:
+            assert re.fullmatch(r"\w+: 0 samples, no shards", line), line
+            continue
+        total += int(match[2])
+        assert len(expand_urls(match[4])) == int(match[3]) == int(match[2])
+        assert all(os.path.isfile(url) for url in expand_urls(match[4]))
+    assert total == 6 and lines[-1] == "skipped: 0 bad files"
+    bad = CliRunner().invoke(app, ["shards", str(tmp_path / "nope"), str(tmp_path / "o2")])
+    assert bad.exit_code == 2
+    assert bad.output.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'}: no such file or folder"
+    ]
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from inpaint_cli.app import app\n"
+        "for args in (['--help'], ['shards', '--help'], ['masks', '--help']):\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "    assert 'Usage' in result.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "heavy: []"
+    # The real entry point too.
+    shown = subprocess.run(
+        [sys.executable, "-m", "inpaint_cli.app", "shards", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0 and "--split-by" in shown.stdout
+
+
+def test_non_png_images_are_reencoded_and_jpeg_kept(tmp_path, png_sample) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(jpeg, "JPEG")
+    (src / "photo.jpg").write_bytes(jpeg.getvalue())
+    Image.open(io.BytesIO(png_sample(3))).save(src / "scan.tif")
+    Image.open(io.BytesIO(png_sample(4))).save(src / "old.bmp")
+    write_shards(src, tmp_path / "out")
+    names = members(tmp_path / "out")
+    assert sum(name.endswith(".jpg") for name in names) == 1
+    assert sum(name.endswith(".png") for name in names) == 2
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        stored = next(n for n in tar.getnames() if n.endswith(".jpg"))
+        assert tar.extractfile(stored).read() == jpeg.getvalue()  # bytes kept as they were
