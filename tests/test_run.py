@@ -298,6 +298,10 @@ def test_output_inside_input_is_skipped_and_same_folder_refused(tmp_path, tiny_m
     assert json.loads(second.stdout)["total"] == 1  # filled/x.png is not taken as an input
     same = invoke(folder, "--out", folder, *args)
     assert same.exit_code == 2 and "IMAGES folder itself" in same.stderr
+    original = (folder / "x.png").read_bytes()
+    onto_itself = invoke(folder / "x.png", "--out", folder, *args)  # x.png -> x.png
+    assert onto_itself.exit_code == 1 and "would replace an input" in onto_itself.stderr
+    assert (folder / "x.png").read_bytes() == original
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "out_is_file", "masks_missing"])
