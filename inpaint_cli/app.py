@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -43,7 +43,7 @@ def shards(
     splits: str = typer.Option(
         "train=1.0", help="Named split fractions, e.g. train=0.9,val=0.05,test=0.05."
     ),
-    split_by: Optional[str] = typer.Option(
+    split_by: str | None = typer.Option(
         None, help="Metadata column that keeps a group in one split (default: the file stem)."
     ),
     max_count: int = typer.Option(1000, min=1, help="Most samples per shard."),
@@ -53,7 +53,7 @@ def shards(
     embed_captions: bool = typer.Option(
         False, help="Also store each caption's embedding (default text encoder) in the shard."
     ),
-    text_encoder: Optional[str] = typer.Option(
+    text_encoder: str | None = typer.Option(
         None, help="With --embed-captions: local path of a transformers text encoder."
     ),
 ) -> None:
@@ -113,7 +113,7 @@ def masks(
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     data: str = typer.Option(..., help="Training shards: brace pattern, list, or pipe: URL."),
-    val_data: Optional[str] = typer.Option(None, help="Validation shards."),
+    val_data: str | None = typer.Option(None, help="Validation shards."),
     out: Path = typer.Option(..., help="Run folder (checkpoints, logs, config)."),
     preset: str = typer.Option("small", help="Model preset: tiny, small or base."),
     steps: int = typer.Option(10000, min=1, help="Optimizer steps."),
@@ -134,7 +134,7 @@ def train(
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (fp16 needs a GPU)."),
     captions: bool = typer.Option(True, help="Train with caption conditioning."),
     caption_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="Caption dropout rate."),
-    text_encoder: Optional[str] = typer.Option(None, help="Local path of a text encoder."),
+    text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
     num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
     background: str = typer.Option("white", help="Alpha background: white or random."),
     resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint."),
@@ -146,7 +146,8 @@ def train(
     Example: `inpaint train --data 'shards/train-{000000..000009}.tar' --val-data
     'shards/val-000000.tar' --out runs/emoji --preset small --steps 20000 --mixed-precision bf16`
     """
-    from inpaint_cli.train import TrainConfig, train as run_training
+    from inpaint_cli.train import TrainConfig
+    from inpaint_cli.train import train as run_training
 
     config = TrainConfig(
         data=data,
@@ -183,24 +184,27 @@ def run(
     images: Path = typer.Argument(..., help="Image file or folder (recursive)."),
     masks: Path = typer.Option(..., help="Mask folder (same stem or <stem>_mask*.png) or file."),
     out: Path = typer.Option(..., help="Output folder."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: bundled model)."),
+    model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
     samples: int = typer.Option(1, min=1, help="Completions per image."),
     temperature: float = typer.Option(0.8, min=0.0, help="Prior temperature."),
     seed: int = typer.Option(0, help="Random seed."),
     batch_size: int = typer.Option(16, min=1, help="Windows per model call."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    caption: Optional[str] = typer.Option(None, help="One caption for every image."),
-    caption_file: Optional[Path] = typer.Option(None, help="metadata.jsonl or CSV captions."),
+    caption: str | None = typer.Option(None, help="One caption for every image."),
+    caption_file: Path | None = typer.Option(None, help="metadata.jsonl or CSV captions."),
     resize_masks: bool = typer.Option(False, help="Resize masks of another size (nearest)."),
     dilate: int = typer.Option(0, min=0, help="Grow holes by this many pixels."),
     overwrite: bool = typer.Option(False, help="Redo existing outputs."),
     save_mask_overlay: bool = typer.Option(False, help="Write <stem>_overlay.png."),
     save_uncertainty: bool = typer.Option(False, help="Write <stem>_uncertainty.png."),
-    grid: Optional[Path] = typer.Option(None, help="Write a contact sheet to this PNG."),
+    grid: Path | None = typer.Option(None, help="Write a contact sheet to this PNG."),
     strict: bool = typer.Option(False, help="Stop at the first failure."),
     dry_run: bool = typer.Option(False, help="List what would be done, do nothing."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     num_workers: int = typer.Option(2, min=0, help="Image decoding/encoding workers."),
+    text_encoder: str | None = typer.Option(
+        None, help="Local path of the text encoder a caption model was trained with."
+    ),
 ) -> None:
     """Fill every hole in a folder of images, in batches, resumably.
 
@@ -230,6 +234,7 @@ def run(
         dry_run=dry_run,
         json_summary=json_summary,
         num_workers=num_workers,
+        text_encoder=text_encoder,
     )
     summary = _call(lambda: run_folder(options))
     if summary is not None and summary.get("failed", 0):
@@ -239,17 +244,19 @@ def run(
 @app.command(name="eval")
 def evaluate(
     data: str = typer.Option(..., help="Shards (pattern) or an image folder."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: bundled model)."),
+    model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
     masks: str = typer.Option("center", help="center, box, stroke or a mask folder."),
     samples: int = typer.Option(8, min=1, help="Samples per image (K)."),
     baselines: bool = typer.Option(False, help="Also score classical fills."),
-    caption_ablation: bool = typer.Option(False, help="Hole NLL with true/empty/shuffled captions."),
+    caption_ablation: bool = typer.Option(
+        False, help="Hole NLL with true/empty/shuffled captions."
+    ),
     out: Path = typer.Option(Path("report"), help="Report folder."),
     limit: int = typer.Option(0, min=0, help="Score at most this many images (0: all)."),
     batch_size: int = typer.Option(32, min=1, help="Batch size."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    text_encoder: Optional[str] = typer.Option(None, help="Local path of a text encoder."),
+    text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
 ) -> None:
     """Score a model (hole NLL, PSNR, SSIM, L1, diversity) against classical baselines.
 
@@ -280,7 +287,7 @@ def evaluate(
 @app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="Run folder written by `inpaint train`."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the plots (default: run/plots)."),
+    out: Path | None = typer.Option(None, help="Where to write the plots (default: run/plots)."),
 ) -> None:
     """Plot a training run: loss and per-layer KL, train vs validation, and sample grids.
 
