@@ -52,7 +52,9 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     """
     import braceexpand
 
-    parts = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split("::")
+    if not isinstance(spec, (str, list, tuple)):
+        raise InpaintError(f"{spec!r}: expected a shard pattern or a list of them", exit_code=2)
+    parts = list(spec) if isinstance(spec, (list, tuple)) else spec.split("::")
     urls: list[str] = []
     for part in parts:
         part = str(part).strip()
@@ -97,7 +99,14 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
                 if info.size > MAX_MEMBER_BYTES:
                     yield info.name, None
                     continue
-                yield info.name, tar.extractfile(info).read()
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield info.name, data
+            # tarfile ends quietly when a shard is cut at a header; a complete archive still
+            # has the second of its two zero end blocks to read.
+            if len(tar.fileobj.read(tarfile.BLOCKSIZE)) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker")
     finally:
         try:
             stream.close()
