@@ -87,31 +87,108 @@ def _split_member(name: str) -> tuple[str | None, str]:
     return (f"{folder}/{stem}" if folder else stem), suffix.lower()
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
+_BLOCK = 512
+_REGULAR_FILE = (b"0", b"\0", b"7")
+_DECOMPRESSORS = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
+def _read_exact(stream, size: int) -> bytes:
+    chunks, missing = [], size
+    while missing:
+        chunk = stream.read(missing)
+        if not chunk:
+            raise tarfile.ReadError("unexpected end of data")
+        chunks.append(chunk)
+        missing -= len(chunk)
+    return b"".join(chunks)
+
+
+def _skip(stream, size: int) -> None:
+    while size:
+        size -= len(_read_exact(stream, min(size, 1 << 20)))
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records = {}
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
+        _, _, record = line.partition(" ")
+        key, equals, value = record.partition("=")
+        if equals:
+            records[key] = value
+    return records
+
+
+def _open_shard(url: str):
+    import importlib
+
     from webdataset.gopen import gopen
 
     stream = gopen(url, "rb")
+    module = next((m for ext, m in _DECOMPRESSORS.items() if url.endswith(ext)), None)
+    if module is None:
+        return stream, stream
+    opener = importlib.import_module(module)
+    return opener.open(stream, "rb"), stream
+
+
+def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of each regular file in a tar; bytes None when over MAX_MEMBER_BYTES.
+
+    A small reader of our own: tarfile parses every header field in Python and made resuming
+    (which reads every skipped sample) several times slower. It checks each header's checksum
+    and insists on the end-of-archive blocks, so a cut shard is always noticed.
+    """
+    stream, raw = _open_shard(url)
+    long_name, pax = None, {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                if info.size > MAX_MEMBER_BYTES:
-                    yield info.name, None
-                    continue
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                yield info.name, data
-            # tarfile ends quietly when a shard is cut at a header; a complete archive still
-            # has the second of its two zero end blocks to read.
-            if len(tar.fileobj.read(tarfile.BLOCKSIZE)) < tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("no end-of-archive marker")
+        while True:
+            header = _read_exact(stream, _BLOCK)
+            if not header.strip(b"\0"):
+                _read_exact(stream, _BLOCK)  # the second zero block: missing in a cut shard
+                return
+            if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+                raise tarfile.ReadError("bad tar header checksum")
+            size, kind = _number(header[124:136]), header[156:157]
+            padded = -(-size // _BLOCK) * _BLOCK
+            if kind in (b"L", b"x"):
+                if size > 1 << 20:
+                    raise tarfile.ReadError("oversized extended header")
+                data = _read_exact(stream, padded)[:size]
+                if kind == b"L":
+                    long_name = _text(data)
+                else:
+                    pax = _pax_records(data)
+                continue
+            name = pax.get("path") or long_name or _text(header[:100])
+            if header[257:262] == b"ustar" and not (long_name or "path" in pax):
+                prefix = _text(header[345:500])
+                name = f"{prefix}/{name}" if prefix else name
+            if "size" in pax:
+                size = int(pax["size"])
+                padded = -(-size // _BLOCK) * _BLOCK
+            long_name, pax = None, {}
+            if kind not in _REGULAR_FILE or size > MAX_MEMBER_BYTES:
+                _skip(stream, padded)
+                if kind in _REGULAR_FILE:
+                    yield name, None
+                continue
+            yield name, _read_exact(stream, padded)[:size]
     finally:
-        try:
-            stream.close()
-        except Exception:  # a pipe: command's exit status is reported by the read error
-            pass
+        for handle in {id(stream): stream, id(raw): raw}.values():
+            try:
+                handle.close()
+            except Exception:  # a pipe: command's exit status is reported by the read error
+                pass
 
 
 def read_shard(url: str, stats: dict[str, int], warned: set[str]) -> Iterator[dict[str, Any]]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import itertools
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from inpaint_cli import data
@@ -315,3 +318,50 @@ def test_bad_options_are_usage_errors(five_shards) -> None:
         with pytest.raises(InpaintError) as error:
             train_loader(five_shards, 8, 2, seed=0, **options)
         assert error.value.exit_code == 2
+
+
+# ---------------------------------------------------------------- the tar reader
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, png_sample, fmt) -> None:
+    long_folder = "deep/" + "d" * 120 if fmt != tarfile.USTAR_FORMAT else "a/" + "b" * 120
+    path = tmp_path / "names.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE  # skipped: only regular files are samples
+        tar.addfile(folder)
+        for index, name in enumerate(["plain.png", f"{long_folder}/x.png", "ü é.png"]):
+            info = tarfile.TarInfo(name)
+            payload = png_sample(index)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    read = list(data._tar_members(str(path)))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    assert read == expected and len(read) == 3
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz", ".tar.bz2"])
+def test_compressed_shards_are_read(tmp_path, write_tar, png_sample, suffix) -> None:
+    plain = shard_of(write_tar, png_sample, tmp_path / "p.tar", range(3))
+    mode = {".tar.gz": "w:gz", ".tar.xz": "w:xz", ".tar.bz2": "w:bz2"}[suffix]
+    packed = tmp_path / f"p{suffix}"
+    with tarfile.open(plain) as source, tarfile.open(packed, mode) as target:
+        for member in source.getmembers():
+            target.addfile(member, source.extractfile(member))
+    assert eval_keys(str(packed)) == eval_keys(plain) == ["s0000", "s0001", "s0002"]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=4000), st.integers(0, 3000))
+def test_random_shard_bytes_never_crash(tmp_path, write_tar, png_sample, noise, offset) -> None:
+    base = open(shard_of(write_tar, png_sample, tmp_path / "b.tar", range(2)), "rb").read()
+    path = tmp_path / "fuzz.tar"
+    path.write_bytes(base[:offset] + noise + base[offset + len(noise) :])
+    stats = {"skipped_samples": 0, "bad_shards": 0}
+    samples = list(data.read_shard(str(path), stats, set()))
+    assert all(isinstance(sample["__key__"], str) for sample in samples)
+    assert stats["bad_shards"] in (0, 1)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -311,13 +312,14 @@ def test_shards_command_prints_paste_ready_patterns(tmp_path, make_image_folder)
     lines = result.output.strip().splitlines()
     total = 0
     for line in lines[:2]:
-        match = re.fullmatch(r"(\w+): (\d+) samples in (\d+) shards?: --data '(.+)'", line)
+        match = re.fullmatch(r"(\w+): (\d+) samples in (\d+) shards?: --data (.+)", line)
         if match is None:
             assert re.fullmatch(r"\w+: 0 samples, no shards", line), line
             continue
         total += int(match[2])
-        assert len(expand_urls(match[4])) == int(match[3]) == int(match[2])
-        assert all(os.path.isfile(url) for url in expand_urls(match[4]))
+        (pattern,) = shlex.split(match[4])  # quoted as a shell would need it
+        assert len(expand_urls(pattern)) == int(match[3]) == int(match[2])
+        assert all(os.path.isfile(url) for url in expand_urls(pattern))
     assert total == 6 and lines[-1] == "skipped: 0 bad files"
     bad = CliRunner().invoke(app, ["shards", str(tmp_path / "nope"), str(tmp_path / "o2")])
     assert bad.exit_code == 2
