@@ -75,7 +75,9 @@ def _check_local(urls: list[str]) -> None:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    # Member names come from the shard: escape control characters to keep one line each.
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _split_member(name: str) -> tuple[str | None, str]:
