@@ -165,25 +165,24 @@ def derangement(
 def _fit_to_resolution(
     image: np.ndarray, mask: np.ndarray | None, resolution: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize the shorter side to `resolution`, then crop the centre square (mask: nearest)."""
+    """The shard loader's resize-and-centre-crop for the image; the same geometry, nearest
+    neighbour, for its mask."""
     from PIL import Image
 
-    height, width = image.shape[:2]
-    scale = resolution / min(height, width)
-    new_width = max(resolution, round(width * scale))
-    new_height = max(resolution, round(height * scale))
-    left, top = (new_width - resolution) // 2, (new_height - resolution) // 2
-    box = (left, top, left + resolution, top + resolution)
-    pil = Image.fromarray(image)
-    if (new_width, new_height) != (width, height):
-        pil = pil.resize((new_width, new_height), Image.Resampling.LANCZOS)
-    fitted = np.asarray(pil.crop(box))
+    from inpaint_cli.data import fit_to_resolution
+
+    fitted = fit_to_resolution(image, resolution)
     if mask is None:
         return fitted, None
-    mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
-    if (new_width, new_height) != (width, height):
-        mask_image = mask_image.resize((new_width, new_height), Image.Resampling.NEAREST)
-    return fitted, np.asarray(mask_image.crop(box)) >= 128
+    height, width = mask.shape
+    if (height, width) == (resolution, resolution):
+        return fitted, mask
+    scale = resolution / min(height, width)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    box = (left, top, left + resolution, top + resolution)
+    return fitted, np.asarray(resized.crop(box)) >= 128
 
 
 class _MaskFolder:
@@ -322,6 +321,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
     generated = options.masks in MASK_KINDS
     mask_folder = None if generated else _MaskFolder(Path(options.masks))
     skipped = [0]
+    loaders: list[Any] = []  # the latest pass's loader counts the corrupt samples it skipped
 
     def items() -> Iterator[EvalItem]:
         skipped[0] = 0
@@ -334,6 +334,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
             mask_kind=options.masks if generated else "center",
             hole_area=options.hole_area,
         )
+        loaders.append(loader)
         for batch in loader:
             images = ((batch["image"].numpy() + 1.0) * 127.5).round().clip(0, 255)
             images = images.astype(np.uint8).transpose(0, 2, 3, 1)
@@ -355,7 +356,10 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
                 if options.limit and count >= options.limit:
                     return
 
-    source = _Source(options.data, items, options.limit or None, lambda: skipped[0])
+    def skipped_count() -> int:
+        return skipped[0] + loaders[-1].stats["skipped_samples"] if loaders else skipped[0]
+
+    source = _Source(options.data, items, options.limit or None, skipped_count)
     source.text_encoder = _shard_encoder_record(urls)
     return source
 
