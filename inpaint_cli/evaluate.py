@@ -575,8 +575,10 @@ def _score_batch(
         scores.keys.append(item.key)
         sample_scores = [score_fill(s, item.image, item.mask) for s in samples_uint8[index]]
         scores.add(MODEL_ONE, sample_scores[0])
-        scores.add(f"model, mean of {k}", score_fill(means_uint8[index], item.image, item.mask))
-        scores.add(f"model, best of {k}", _best_of(sample_scores))
+        if k > 1:
+            mean_scores = score_fill(means_uint8[index], item.image, item.mask)
+            scores.add(f"model, mean of {k}", mean_scores)
+            scores.add(f"model, best of {k}", _best_of(sample_scores))
         scores.diversity.append(hole_diversity(samples_uint8[index], item.mask))
         fills = {}
         if options.baselines:

@@ -363,3 +363,13 @@ def test_shards_and_folder_give_the_same_images_and_baseline_scores(
         assert from_shards["methods"][name] == pytest.approx(from_folder["methods"][name])
     limited = evaluate(_options(pattern, tiny_model, tmp_path / "c", limit=3))
     assert limited["images"] == 3
+
+
+def test_one_sample_reports_no_mean_best_diversity_or_iwae(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    result = evaluate(_options(image_folder, tiny_model, tmp_path / "r", samples=1, limit=2))
+    assert list(result["methods"]) == ["model, 1 sample"]
+    assert result["diversity"] is None and result["nll"]["iwae_bits_per_dim"] is None
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["images"] == 2 and saved["nll"]["negative_elbo_bits_per_dim"] > 0
