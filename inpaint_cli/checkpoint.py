@@ -1,0 +1,287 @@
+"""Training checkpoints: folders of safetensors + JSON, never pickles.
+
+A checkpoint is written into `checkpoints/.tmp-step-N`, its `state.json` last, and only then renamed
+to `checkpoints/step-N`. A rename is atomic, so a folder named `step-N` is complete by construction
+and a kill at any moment leaves either the previous checkpoints or a `.tmp-` folder that the next
+`--resume` removes. Old checkpoints are renamed to `.del-` before they are deleted for the same
+reason. Loading verifies every file's size against `state.json` before anything is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.images import atomic_write_bytes
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.json"
+FORMAT = "inpaint-checkpoint/1"
+_NAME_RE = re.compile(r"^step-(\d{8})$")
+_TEMP_PREFIX = ".tmp-"
+_DELETE_PREFIX = ".del-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Published checkpoints (those with a state.json) as (step, folder), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in root.iterdir():
+        match = _NAME_RE.match(folder.name)
+        if match and (folder / STATE_FILE).is_file():
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete `.tmp-` folders (a write that was killed) and `.del-` ones (a killed deletion)."""
+    root = Path(run_dir) / CHECKPOINTS
+    removed = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.startswith((_TEMP_PREFIX, _DELETE_PREFIX)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+def begin(run_dir: Path, step: int) -> Path:
+    """Create an empty temporary folder for the checkpoint of `step` (main process only)."""
+    root = Path(run_dir) / CHECKPOINTS
+    temp = root / f"{_TEMP_PREFIX}{checkpoint_name(step)}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir()
+    except OSError as error:
+        raise InpaintError(
+            f"{temp}: cannot create ({error.strerror or error})", exit_code=1
+        ) from None
+    return temp
+
+
+def write_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    # Copies to the CPU so tied/shared parameters become separate tensors (safetensors refuses
+    # aliased storage) and the bytes cannot change while they are written.
+    plain = {
+        key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()
+    }
+    atomic_write_bytes(folder / name, save_safetensors(plain))
+
+
+def write_json(folder: Path, name: str, payload: Any) -> None:
+    atomic_write_bytes(folder / name, json.dumps(payload, indent=1, allow_nan=True).encode())
+
+
+def publish(temp: Path, final: Path) -> None:
+    """The commit point: an atomic rename of the finished temporary folder."""
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
+def finish(temp: Path, state: dict[str, Any]) -> Path:
+    """Write state.json (with every file's size) last, then publish the folder under its name."""
+    files = {path.name: path.stat().st_size for path in sorted(temp.iterdir()) if path.is_file()}
+    write_json(temp, STATE_FILE, {**state, "format": FORMAT, "files": files})
+    _fsync_dir(temp)
+    final = temp.with_name(checkpoint_name(int(state["step"])))
+    if final.exists():  # a checkpoint of the same step from before a resume: same content
+        retire(final)
+    try:
+        publish(temp, final)
+    except OSError as error:
+        raise InpaintError(f"{final}: cannot publish ({error.strerror or error})", 1) from None
+    return final
+
+
+def retire(folder: Path) -> None:
+    """Delete a checkpoint folder without ever leaving a partial `step-N` behind."""
+    doomed = folder.with_name(f"{_DELETE_PREFIX}{folder.name}")
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune(run_dir: Path, keep_last: int) -> list[Path]:
+    """Keep the newest `keep_last` checkpoints and the one with the lowest validation NLL."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = {folder for _, folder in checkpoints[-keep_last:]}
+    best = best_checkpoint(run_dir)
+    if best is not None:
+        keep.add(best)
+    removed = []
+    for _, folder in checkpoints:
+        if folder not in keep:
+            retire(folder)
+            removed.append(folder)
+    return removed
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    scored = []
+    for step, folder in list_checkpoints(run_dir):
+        value = read_json(folder / STATE_FILE).get("val_nll")
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            scored.append((float(value), step, folder))
+    return min(scored)[2] if scored else None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise InpaintError(f"{path}: unreadable ({error})", exit_code=1) from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(Path(path).read_bytes())
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise InpaintError(f"{path}: not a readable safetensors file ({error})", 1) from None
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, after checking that every listed file has its recorded size."""
+    state = read_json(folder / STATE_FILE)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InpaintError(f"{folder}: not an inpaint checkpoint", exit_code=1)
+    files = state.get("files")
+    if not isinstance(files, dict) or not isinstance(state.get("step"), int):
+        raise InpaintError(f"{folder / STATE_FILE}: malformed", exit_code=1)
+    for name, size in files.items():
+        path = folder / str(name)
+        if Path(name).name != name or not path.is_file() or path.stat().st_size != size:
+            raise InpaintError(f"{path}: missing or of the wrong size", exit_code=1)
+    return state
+
+
+def newest_complete(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, skipping (and naming) damaged ones."""
+    for _, folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, verify(folder)
+        except InpaintError as error:
+            print(f"warning: skipping checkpoint {error}")
+    return None
+
+
+def optimizer_to_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into safetensors-ready tensors and a JSON-ready rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            key = f"{index}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+# RNG states of one process, packed into one byte row of fixed layout so that the main process
+# can gather every rank's row in one collective and write them into one safetensors file.
+
+
+def rng_parts(caption_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    import random
+
+    version, mt_state, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    parts = {
+        "torch": torch.get_rng_state(),
+        "captions": caption_generator.get_state(),
+        "python_state": torch.tensor(mt_state, dtype=torch.int64),
+        "python_extra": torch.tensor(
+            [version, gauss_next is not None, gauss_next or 0.0], dtype=torch.float64
+        ),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        parts["cuda"] = torch.cuda.get_rng_state()
+    return parts
+
+
+def pack_rng(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    layout = []
+    chunks = []
+    for name, tensor in parts.items():
+        tensor = tensor.detach().cpu().contiguous()
+        raw = tensor.view(-1).view(torch.uint8)
+        layout.append({"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
+        chunks.append(raw)
+    return torch.cat(chunks), layout
+
+
+def unpack_rng(row: torch.Tensor, layout: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    parts = {}
+    offset = 0
+    for entry in layout:
+        dtype = getattr(torch, str(entry["dtype"]).removeprefix("torch."))
+        if not isinstance(dtype, torch.dtype):
+            raise InpaintError(f"rng layout: unknown dtype {entry['dtype']}", exit_code=1)
+        shape = [int(size) for size in entry["shape"]]
+        count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        parts[entry["name"]] = row[offset : offset + count].clone().view(dtype).view(shape)
+        offset += count
+    return parts
+
+
+def restore_rng(parts: dict[str, torch.Tensor], caption_generator: torch.Generator) -> None:
+    import random
+
+    torch.set_rng_state(parts["torch"])
+    caption_generator.set_state(parts["captions"])
+    version, has_gauss, gauss = parts["python_extra"].tolist()
+    mt_state = tuple(int(value) for value in parts["python_state"].tolist())
+    random.setstate((int(version), mt_state, gauss if has_gauss else None))
+    pos, has_gauss, cached = parts["numpy_extra"].tolist()
+    keys = parts["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    if "cuda" in parts and torch.cuda.is_available():
+        torch.cuda.set_rng_state(parts["cuda"])
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable across a power loss; a killed process needs no fsync.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
