@@ -1,0 +1,713 @@
+"""`inpaint train`: schedule pieces, overfitting, exact resume, faults, kills, multi-process.
+
+Every training test runs the real tiny preset on real (tiny, generated) webdataset shards.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from inpaint_cli import checkpoint as ckpt
+from inpaint_cli.app import app
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.train import (
+    SkipRule,
+    TrainConfig,
+    TrainHooks,
+    caption_keep,
+    default_kl_warmup,
+    kl_warmup_weights,
+    learning_rate,
+    train,
+)
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 40),
+}
+
+
+def write_square_shards(
+    folder: Path, count: int, per_shard: int, *, embeddings: bool = False, seed: int = 0
+) -> str:
+    """Shards of 16x16 PNGs: a coloured square on another colour, captioned by its colours.
+
+    Returns the brace pattern of the shards. With `embeddings`, each sample also carries a
+    4-float `emb.f32` member (as `inpaint shards --embed-captions` writes).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    shards = -(-count // per_shard)
+    for shard in range(shards):
+        with tarfile.open(folder / f"train-{shard:06d}.tar", "w") as tar:
+            for index in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
+                fg, bg = rng.choice(len(names), 2, replace=False)
+                pixels = np.full((16, 16, 3), COLOURS[names[bg]], np.uint8)
+                x, y = rng.integers(0, 8, 2)
+                pixels[y : y + 8, x : x + 8] = COLOURS[names[fg]]
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "PNG")
+                members = [("png", buffer.getvalue())]
+                members.append(("txt", f"a {names[fg]} square on {names[bg]}".encode()))
+                if embeddings:
+                    vector = np.zeros(4, "<f4")
+                    vector[fg] = 1.0
+                    members.append(("emb.f32", vector.tobytes()))
+                for suffix, data in members:
+                    info = tarfile.TarInfo(f"sample{index:05d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    if shards == 1:
+        return str(folder / "train-000000.tar")
+    return str(folder / f"train-{{000000..{shards - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_square_shards(tmp_path_factory.mktemp("shards"), 48, 16)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons; each test gets a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny(shards: str, out: Path, **overrides) -> TrainConfig:
+    settings = dict(
+        data=shards,
+        out=str(out),
+        preset="tiny",
+        steps=10,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        val_every=1000,
+        checkpoint_every=1000,
+        captions=False,
+        num_workers=0,
+        log_every=1,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def log(out: Path, name: str = "train.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in ("model", "ema", "optimizer"):
+        for key, value in ckpt.read_tensors(folder / f"{name}.safetensors").items():
+            tensors[f"{name}/{key}"] = value.double()
+    return tensors
+
+
+# ---- pure pieces -------------------------------------------------------------------------------
+
+
+def test_kl_warmup_is_staggered_by_layer():
+    assert kl_warmup_weights(0, 3, 10) == [0.0, 0.0, 0.0]
+    assert kl_warmup_weights(5, 3, 10) == [0.5, 0.0, 0.0]
+    assert kl_warmup_weights(10, 3, 10) == [1.0, 0.5, 0.0]
+    assert kl_warmup_weights(20, 3, 10) == [1.0, 1.0, 1.0]
+    assert kl_warmup_weights(0, 4, 0) == [1.0] * 4
+    for step in range(0, 40):
+        weights = kl_warmup_weights(step, 5, 8)
+        assert weights == sorted(weights, reverse=True)  # upper layers never behind lower ones
+        later = kl_warmup_weights(step + 1, 5, 8)
+        assert all(b >= a for a, b in zip(weights, later, strict=True))
+    # the default ramp finishes every layer by a quarter of the run
+    for steps, layers in ((10000, 8), (400, 3), (40, 12)):
+        warmup = default_kl_warmup(steps, layers)
+        assert kl_warmup_weights(steps // 4, layers, warmup) == [1.0] * layers
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    rates = [learning_rate(step, 1e-3, 10, 100, 0.1) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4)
+    assert max(rates) == pytest.approx(1e-3) == rates[9] == rates[10]
+    assert all(b < a for a, b in zip(rates[10:], rates[11:], strict=False))
+    assert learning_rate(100, 1e-3, 10, 100, 0.1) == pytest.approx(1e-4)
+    assert learning_rate(5, 1e-3, 0, 100, 0.1) < 1e-3
+
+
+def test_skip_rule_skips_nonfinite_and_spikes_but_follows_a_lasting_rise():
+    rule = SkipRule(factor=10.0, window=20, min_history=5, clip_factor=3.0, grad_clip=200.0)
+    assert rule.check(float("nan"), 1.0) == "nonfinite"
+    assert rule.check(1.0, float("inf")) == "nonfinite"
+    assert rule.check(1.0, 1e9) is None  # no history yet: only non-finite values are refused
+    rule.history.clear()
+    for _ in range(5):
+        assert rule.check(1.0, 2.0) is None
+    assert rule.clip_norm() == pytest.approx(6.0)
+    assert rule.check(1.0, 25.0) == "spike"
+    assert rule.check(1.0, 19.0) is None
+    # the norm rises for good (VDVAE's fixed threshold would refuse every update from now on)
+    decisions = [rule.check(1.0, 500.0) for _ in range(30)]
+    assert decisions[0] == "spike"
+    assert decisions[-1] is None
+    assert decisions.count("spike") <= 20 // 2 + 1
+    copy = SkipRule(10.0, 20, 5, 3.0, 200.0)
+    copy.load_state_dict(json.loads(json.dumps(rule.state_dict())))
+    assert copy.threshold() == rule.threshold()
+
+
+def test_caption_keep_drops_at_the_rate_and_always_drops_empty_captions():
+    generator = torch.Generator().manual_seed(0)
+    keep = caption_keep(["a cat"] * 20000, 0.1, generator)
+    assert abs(1.0 - keep.mean().item() - 0.1) < 0.01
+    assert caption_keep(["", "x", ""], 0.0, generator).tolist() == [0.0, 1.0, 0.0]
+    # the random stream moves the same way whatever the captions are
+    first, second = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    caption_keep(["a", "", "c"], 0.5, first)
+    caption_keep(["", "", ""], 0.5, second)
+    assert torch.equal(torch.rand(3, generator=first), torch.rand(3, generator=second))
+
+
+def test_optimizer_and_rng_state_survive_safetensors_and_json(tmp_path):
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, betas=(0.9, 0.9))
+    for _ in range(3):
+        layer(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+    tensors, meta = ckpt.optimizer_to_tensors(optimizer.state_dict())
+    ckpt.write_tensors(tmp_path, "o.safetensors", tensors)
+    ckpt.write_json(tmp_path, "o.json", meta)
+    restored = ckpt.optimizer_from_tensors(
+        ckpt.read_tensors(tmp_path / "o.safetensors"), ckpt.read_json(tmp_path / "o.json")
+    )
+    fresh = torch.optim.AdamW(layer.parameters(), lr=0.5)
+    fresh.load_state_dict(restored)
+    original = optimizer.state_dict()
+    assert fresh.state_dict()["param_groups"] == original["param_groups"]
+    for index, state in original["state"].items():
+        for name, value in state.items():
+            assert torch.equal(fresh.state_dict()["state"][index][name], value)
+
+    generator = torch.Generator().manual_seed(3)
+    random.seed(5)
+    np.random.seed(6)
+    row, layout = ckpt.pack_rng(ckpt.rng_parts(generator))
+    expected = (
+        torch.rand(2),
+        torch.rand(2, generator=generator),
+        random.random(),
+        np.random.rand(),
+    )
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    generator.manual_seed(99)
+    ckpt.restore_rng(ckpt.unpack_rng(row, json.loads(json.dumps(layout))), generator)
+    again = (torch.rand(2), torch.rand(2, generator=generator), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and torch.equal(expected[1], again[1])
+    assert expected[2:] == again[2:]
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def test_tiny_preset_overfits_a_handful_of_images(tmp_path):
+    few = write_square_shards(tmp_path / "few", 8, 8)
+    out = tmp_path / "run"
+    summary = train(
+        tiny(
+            few,
+            out,
+            steps=80,
+            lr=1e-2,
+            mask_kinds="center",
+            val_data=few,
+            val_every=40,
+            val_samples=8,
+        )
+    )
+    records = log(out)
+    start = records[0]["nll_bits_per_dim"]  # the untrained model, on the first batch
+    end = np.mean([r["nll_bits_per_dim"] for r in records[-5:]])
+    assert end < 0.6 * start, (start, end)
+    for record in records:
+        assert all(np.isfinite(k) and k >= 0 for k in record["kl_bits_per_dim"])
+    validation = log(out, "val.jsonl")
+    assert [r["step"] for r in validation] == [40, 80]
+    assert validation[-1]["nll_bits_per_dim"] < start
+    assert summary["steps"] == 80 and summary["skipped_updates"] == 0
+    # the run folder has what `inpaint run` and `inpaint report` need
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 1 and run["config"]["preset"] == "tiny"
+    assert run["versions"]["torch"] and run["versions"]["accelerate"] and "command_line" in run
+    from model.hvae import HVAE
+
+    for folder in ("model", "best"):
+        model = HVAE.from_pretrained(out / folder)
+        assert model.config.caption_dim == 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
+    """2K steps in one go vs K steps, a stop, --resume, K more: same weights, EMA, optimizer."""
+    steps, half = 12, 6
+    settings = dict(steps=steps, checkpoint_every=half, num_workers=2, val_every=half)
+    whole = tmp_path / "whole"
+    train(tiny(shards, whole, val_data=shards, val_samples=8, **settings))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_half(step: int) -> None:
+        if step == half:
+            raise Stop
+
+    parts = tmp_path / "parts"
+    config = tiny(shards, parts, val_data=shards, val_samples=8, **settings)
+    with pytest.raises(Stop):
+        train(config, TrainHooks(after_step=stop_at_half))
+    assert [step for step, _ in ckpt.list_checkpoints(parts)] == [half]
+    summary = train(replace(config, resume=True))
+    assert summary["start_step"] == half and summary["steps"] == steps
+
+    final = ckpt.checkpoint_name(steps)
+    a = checkpoint_tensors(whole / "checkpoints" / final)
+    b = checkpoint_tensors(parts / "checkpoints" / final)
+    first = checkpoint_tensors(parts / "checkpoints" / ckpt.checkpoint_name(half))
+    assert a.keys() == b.keys()
+    tolerance = 1e-5
+    for name in ("model/", "ema/", "optimizer/"):
+        keys = [key for key in a if key.startswith(name)]
+        assert keys
+        gap = max((a[k] - b[k]).abs().max().item() for k in keys)
+        moved = max((a[k] - first[k]).abs().max().item() for k in keys)
+        assert gap <= tolerance < moved / 100, (name, gap, moved)
+    # the logs read as one run: every step once, same values
+    assert [r["step"] for r in log(parts)] == list(range(1, steps + 1))
+    for x, y in zip(log(whole), log(parts), strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert [r["nll_bits_per_dim"] for r in log(whole, "val.jsonl")] == pytest.approx(
+        [r["nll_bits_per_dim"] for r in log(parts, "val.jsonl")], rel=1e-5
+    )
+    run = json.loads((parts / "run.json").read_text())
+    assert [entry["step"] for entry in run["resumes"]] == [half]
+
+
+def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, shards):
+    out = tmp_path / "run"
+    summary = train(tiny(shards, out, steps=3, resume=True))
+    assert summary["start_step"] == 0 and summary["steps"] == 3
+
+
+def test_injected_inf_gradient_and_spike_are_skipped_and_counted(tmp_path, shards):
+    injections = {22: "inf", 26: "spike"}
+    before: dict[int, list[torch.Tensor]] = {}
+    unchanged_after: dict[int, bool] = {}
+    holder: dict[str, torch.nn.Module] = {}
+
+    def after_backward(step: int, model: torch.nn.Module) -> None:
+        holder["model"] = model
+        before[step] = [p.detach().clone() for p in model.parameters()]
+        kind = injections.get(step)
+        if kind == "inf":
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = np.inf
+        elif kind == "spike":
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(1e4)
+
+    def after_step(step: int) -> None:
+        params = list(holder["model"].parameters())
+        unchanged_after[step - 1] = all(
+            torch.equal(a, b) for a, b in zip(before[step - 1], params, strict=True)
+        )
+
+    out = tmp_path / "run"
+    summary = train(
+        tiny(shards, out, steps=30, checkpoint_every=30),
+        TrainHooks(after_backward=after_backward, after_step=after_step),
+    )
+    assert summary["skipped_nonfinite"] == 1 and summary["skipped_spike"] == 1
+    assert summary["skipped_updates"] == len(injections)
+    assert log(out)[-1]["skipped_updates"] == len(injections)
+    assert unchanged_after[22] and unchanged_after[26]  # the skipped updates changed nothing
+    assert not unchanged_after[23]  # ...and training went on afterwards
+    final = checkpoint_tensors(out / "checkpoints" / ckpt.checkpoint_name(30))
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def _train_in_child(config: TrainConfig, kill_before_publish_at: int | None = None) -> None:
+    """Child process body: train, optionally SIGKILLing itself just before a rename."""
+    if kill_before_publish_at is not None:
+        publish = ckpt.publish
+
+        def publish_or_die(temp: Path, final: Path) -> None:
+            if final.name == ckpt.checkpoint_name(kill_before_publish_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            publish(temp, final)
+
+        ckpt.publish = publish_or_die
+    train(config)
+
+
+@pytest.fixture(scope="module")
+def warm(shards: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One short run in this process first: train() imports much lazily (accelerate, dynamo via
+    the optimizer, webdataset), and forked children then start without paying for it again."""
+    train(tiny(shards, tmp_path_factory.mktemp("warm") / "run", steps=1))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _fork(target, *args) -> multiprocessing.Process:
+    # fork: the child starts with everything imported, so each start takes about a second;
+    # the kill is a real SIGKILL of a real process.
+    process = multiprocessing.get_context("fork").Process(target=target, args=args)
+    process.start()
+    return process
+
+
+def assert_every_checkpoint_complete(out: Path) -> list[int]:
+    steps = []
+    for step, folder in ckpt.list_checkpoints(out):
+        state = ckpt.verify(folder)
+        assert state["step"] == step
+        checkpoint_tensors(folder)  # parses
+        steps.append(step)
+    names = (
+        {p.name for p in (out / "checkpoints").iterdir()}
+        if (out / "checkpoints").exists()
+        else set()
+    )
+    assert all(n.startswith((".tmp-", ".del-")) or n.startswith("step-") for n in names)
+    return steps
+
+
+def test_kill_between_temp_write_and_rename_loses_nothing(tmp_path, shards, warm):
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=6, checkpoint_every=2)
+    child = _fork(_train_in_child, config, 4)
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    temp = out / "checkpoints" / ".tmp-step-00000004"
+    assert temp.is_dir() and (temp / "state.json").is_file()  # fully written, not yet renamed
+    assert assert_every_checkpoint_complete(out) == [2]
+    summary = train(replace(config, resume=True))
+    assert summary["start_step"] == 2 and summary["steps"] == 6
+    assert not temp.exists()
+    assert assert_every_checkpoint_complete(out)[-1] == 6
+
+
+def _newest_logged_step(out: Path) -> int:
+    path = out / "train.jsonl"
+    if not path.exists():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass  # a line cut short by the kill
+    return max(steps)
+
+
+def _temp_folders(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return [p for p in root.iterdir() if p.name.startswith(".tmp-")] if root.exists() else []
+
+
+def _wait_until(condition, child, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and child.is_alive():
+        if condition():
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+def test_sigkill_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, shards, warm):
+    out = tmp_path / "run"
+    steps = 40
+    config = tiny(shards, out, steps=steps, checkpoint_every=2, keep_last=2, resume=True)
+    rng = random.Random(1234)
+    kills, mid_write, newest = 0, 0, 0
+    for attempt in range(6):
+        child = _fork(_train_in_child, config)
+        seen = _newest_logged_step(out)
+        # wait for fresh progress, so every kill lands in training, not in start-up
+        _wait_until(lambda seen=seen: _newest_logged_step(out) > seen, child)
+        kind = attempt % 3
+        if kind == 0:  # a random moment
+            time.sleep(rng.uniform(0.0, 0.4))
+        elif kind == 1:  # a checkpoint write has just begun
+            _wait_until(lambda: bool(_temp_folders(out)), child)
+        else:  # a checkpoint write is part-way: some files written, state.json not yet
+            _wait_until(
+                lambda: any(
+                    any(f.is_file() for f in t.iterdir()) and not (t / "state.json").exists()
+                    for t in _temp_folders(out)
+                ),
+                child,
+            )
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.join(30)
+        mid_write += bool(_temp_folders(out))
+        complete = assert_every_checkpoint_complete(out)
+        assert not complete or complete[-1] >= newest  # nothing complete was lost
+        newest = complete[-1] if complete else 0
+    assert kills >= 5 and mid_write >= 1, (kills, mid_write)
+    assert 0 < newest < steps  # the kills interrupted a run that was making progress
+    summary = train(config)
+    assert summary["start_step"] == newest and summary["steps"] == steps
+    assert assert_every_checkpoint_complete(out)[-1] == steps
+    assert not _temp_folders(out)
+    logged = [r["step"] for r in log(out)]
+    assert logged == list(range(1, steps + 1))  # no step twice, none missing
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_during_a_checkpoint_is_a_clear_error(
+    tmp_path, shards, monkeypatch, code
+):
+    import types
+
+    from inpaint_cli import images
+
+    def fail_writes(step: int) -> None:
+        # from now on every project write fails the way a full or read-only disk makes it
+        def write(fd, data):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(images, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=4, checkpoint_every=2)
+    with pytest.raises(InpaintError) as caught:
+        train(config, TrainHooks(after_step=lambda step: step == 1 and fail_writes(step)))
+    assert os.strerror(code) in str(caught.value) and caught.value.exit_code == 1
+    assert str(out / "checkpoints") in str(caught.value)
+    assert list((out / "checkpoints").iterdir()) == []  # no partial checkpoint left behind
+    monkeypatch.undo()
+    assert train(replace(config, resume=True))["steps"] == 4
+
+
+# ---- options and errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"preset": "huge"}, "preset"),
+        ({"hole_area": "0.9-0.1"}, "hole-area"),
+        ({"mask_kinds": "center,blob"}, "blob"),
+        ({"mixed_precision": "fp8"}, "mixed-precision"),
+        ({"data": "/nonexistent/train-000000.tar"}, "/nonexistent/train-000000.tar"),
+    ],
+)
+def test_bad_options_are_refused_with_a_clear_error(tmp_path, shards, overrides, fragment):
+    with pytest.raises(InpaintError) as caught:
+        train(tiny(shards, tmp_path / "run", **overrides))
+    assert fragment in str(caught.value) and caught.value.exit_code == 2
+
+
+def test_fp16_on_cpu_is_refused(tmp_path, shards):
+    with pytest.raises(InpaintError, match="fp16.*GPU") as caught:
+        train(tiny(shards, tmp_path / "run", mixed_precision="fp16"))
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, shards):
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            shards,
+            "--out",
+            str(tmp_path / "r"),
+            "--preset",
+            "tiny",
+            "--mixed-precision",
+            "fp16",
+            "--no-captions",
+        ],
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --mixed-precision fp16")
+
+
+def test_a_run_with_checkpoints_is_not_overwritten_without_resume(tmp_path, shards):
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=2))
+    with pytest.raises(InpaintError, match="--resume"):
+        train(tiny(shards, out, steps=2))
+    summary = train(tiny(shards, out, steps=4, resume=True))
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+
+
+def test_bf16_trains_on_cpu(tmp_path, shards):
+    summary = train(tiny(shards, tmp_path / "run", steps=3, mixed_precision="bf16"))
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+
+
+# ---- captions ----------------------------------------------------------------------------------
+
+
+class CountingEncoder:
+    """Stands in for conditioning.TextEncoder (the real one takes ~20 s to load here)."""
+
+    instances: list[CountingEncoder] = []
+
+    def __init__(self, path=None, device="cpu") -> None:
+        self.dim, self.calls = 4, 0
+        CountingEncoder.instances.append(self)
+
+    def encode(self, captions):
+        self.calls += 1
+        return torch.stack([torch.full((4,), float(len(c))) for c in captions])
+
+    def identity(self):
+        return {"name": "counting", "dim": 4, "weights_hash": "0" * 64}
+
+
+def test_no_captions_never_loads_the_text_encoder(tmp_path, shards, monkeypatch):
+    import conditioning
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(conditioning, "TextEncoder", refuse)
+    train(tiny(shards, tmp_path / "run", steps=2))
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["caption_dim"] == 0 and config["text_encoder"] is None
+
+
+def test_captions_use_shard_embeddings_and_record_the_encoder(tmp_path, monkeypatch):
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", CountingEncoder)
+    CountingEncoder.instances.clear()
+    embedded = write_square_shards(tmp_path / "embedded", 16, 16, embeddings=True)
+    keeps = []
+
+    def after_backward(step, model):  # every parameter, the empty caption included, has a grad
+        assert all(p.grad is not None for p in model.parameters())
+        keeps.append(step)
+
+    out = tmp_path / "run"
+    train(
+        tiny(embedded, out, steps=3, captions=True, caption_dropout=0.5),
+        TrainHooks(after_backward=after_backward),
+    )
+    assert CountingEncoder.instances[-1].calls == 0  # the shards carried the embeddings
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["caption_dim"] == 4 and config["text_encoder"]["name"] == "counting"
+    assert keeps == [0, 1, 2]
+
+    plain = write_square_shards(tmp_path / "plain", 16, 16)
+    CountingEncoder.instances.clear()
+    train(tiny(plain, tmp_path / "run2", steps=2, captions=True))
+    assert CountingEncoder.instances[-1].calls == 2  # one encode per batch without embeddings
+
+
+# ---- several processes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_on_uneven_shards(tmp_path):
+    uneven = write_square_shards(tmp_path / "uneven", 40, 16)  # 3 shards: 16, 16, 8 samples
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [
+        str(launcher),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "inpaint_cli.app",
+        "train",
+        "--data",
+        uneven,
+        "--val-data",
+        uneven,
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--no-captions",
+        "--num-workers",
+        "0",
+        "--val-every",
+        "2",
+        "--val-samples",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--warmup-steps",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2
+    ranks = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["first_keys"] != ranks[1]["first_keys"]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert ranks[0]["ema_sha256"] == ranks[1]["ema_sha256"]
+    assert [r["step"] for r in log(out)] == [4]  # logs every 10 steps and at the end
+    assert [r["step"] for r in log(out, "val.jsonl")] == [2, 4]
+    assert log(out, "val.jsonl")[0]["samples"] == 8
+    assert_every_checkpoint_complete(out)
+
+    # both ranks resume from the checkpoint (each restores its own random state) and go on
+    command[command.index("--steps") + 1] = "6"
+    result = subprocess.run(
+        command + ["--resume"], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["resumes"][0]["world_size"] == 2 and run["resumes"][0]["step"] == 4
+    assert assert_every_checkpoint_complete(out)[-1] == 6
