@@ -295,7 +295,9 @@ def report(
     """
     from inpaint_cli.report import write_report
 
-    _call(lambda: write_report(run_dir, out))
+    written = _call(lambda: write_report(run_dir, out))
+    for path in written:
+        typer.echo(str(path))
 
 
 def main() -> None:

@@ -1,0 +1,262 @@
+"""`inpaint report`: PNG plots of a training run, for spotting overfitting and instability.
+
+- loss.png: negative ELBO (bits per hole dimension) on training batches vs the EMA model on the
+  validation set, plus the gradient norm with the skip threshold and skipped updates.
+- kl_per_layer.png: each latent layer's KL, train vs validation. A validation KL that keeps
+  rising above the training KL of the same layer is the overfitting the original project saw
+  in its lower layers; a KL stuck near zero is a layer the decoder ignores.
+- samples.png: validation images with their hole, completions sampled from the exported EMA
+  model (`run/model`), and the ground truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.images import atomic_write_bytes
+
+GRID_IMAGES = 6
+GRID_SAMPLES = 4
+GRID_TEMPERATURE = 0.8
+GRID_SEED = 0
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log, skipping a line cut short by a killed process."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def layer_labels(model_config: dict[str, Any], count: int) -> list[str]:
+    """'4x4 #2'-style names in the model's top-down layer order (coarsest first)."""
+    groups = model_config.get("latent_groups") or {}
+    labels = []
+    for size in sorted(groups, key=int):
+        for index in range(int(groups[size])):
+            labels.append(f"{size}x{size} #{index + 1}")
+    if len(labels) != count:
+        return [f"layer {index}" for index in range(count)]
+    return labels
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_loss(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, layout="constrained")
+    steps, values = _series(train, "nll_bits_per_dim")
+    top.plot(steps, values, label="train NLL (negative ELBO)", color="tab:blue", lw=1)
+    steps, values = _series(train, "loss")
+    top.plot(
+        steps, values, label="train loss (KL warm-up weighted)", color="tab:blue", lw=0.8, ls=":"
+    )
+    steps, values = _series(val, "nll_bits_per_dim")
+    top.plot(steps, values, "o-", label="validation NLL (EMA)", color="tab:red", ms=3)
+    top.set_ylabel("bits per hole dimension")
+    top.set_title("Loss: train vs validation")
+    top.legend()
+    top.grid(alpha=0.3)
+
+    steps, values = _series(train, "grad_norm")
+    bottom.plot(steps, values, label="gradient norm", color="tab:green", lw=1)
+    steps, values = _series(train, "skip_threshold")
+    bottom.plot(steps, values, label="skip threshold", color="tab:gray", ls="--", lw=1)
+    skipped_at = [
+        later["step"]
+        for earlier, later in zip(train, train[1:], strict=False)
+        if later.get("skipped_updates", 0) > earlier.get("skipped_updates", 0)
+    ]
+    for index, step in enumerate(skipped_at):
+        bottom.axvline(
+            step, color="tab:orange", lw=0.8, label="skipped updates" if not index else None
+        )
+    if any(value > 0 for value in _series(train, "grad_norm")[1]):
+        bottom.set_yscale("log")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("norm")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    _save_figure(figure, path)
+
+
+def plot_kl(
+    train: list[dict[str, Any]], val: list[dict[str, Any]], labels: list[str], path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+
+    count = len(labels)
+    columns = min(4, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(3.2 * columns, 2.6 * rows),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    for layer, label in enumerate(labels):
+        axis = axes[layer // columns][layer % columns]
+        for records, name, style in ((train, "train", "-"), (val, "validation (EMA)", "o-")):
+            steps = [r["step"] for r in records if _layer_value(r, layer) is not None]
+            values = [_layer_value(r, layer) for r in records if _layer_value(r, layer) is not None]
+            axis.plot(steps, values, style, label=name, ms=3, lw=1)
+        axis.set_title(label, fontsize=9)
+        axis.grid(alpha=0.3)
+        if layer == 0:
+            axis.legend(fontsize=7)
+    for extra in range(count, rows * columns):
+        axes[extra // columns][extra % columns].axis("off")
+    figure.suptitle("KL per latent layer (bits per hole dimension), train vs validation")
+    figure.supxlabel("step")
+    _save_figure(figure, path)
+
+
+def _layer_value(record: dict[str, Any], layer: int) -> float | None:
+    values = record.get("kl_bits_per_dim")
+    if not isinstance(values, list) or layer >= len(values):
+        return None
+    value = values[layer]
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> None:
+    """Completions of the first validation images by the exported EMA model, center holes."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from inpaint_cli.data import eval_loader, expand_urls
+    from model.hvae import HVAE
+
+    try:
+        model = HVAE.from_pretrained(run_dir / "model")
+    except ValueError as error:
+        raise InpaintError(str(error), exit_code=1) from None
+    config = run.get("config", {})
+    urls = config.get("val_data") or config.get("data")
+    kinds = str(config.get("mask_kinds", "center")).split(",")
+    kind = "center" if "center" in kinds else kinds[0]
+    loader = eval_loader(
+        expand_urls(urls),
+        model.config.resolution,
+        GRID_IMAGES,
+        seed=int(config.get("seed", 0)),
+        mask_kind=kind,
+        background=str(config.get("background", "white")),
+    )
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise InpaintError(f"{urls}: no validation images for the sample grid", exit_code=1)
+    embedding = None
+    if model.config.caption_dim > 0:
+        embedding = batch.get("caption_embedding")
+        if embedding is None:
+            from conditioning import TextEncoder
+
+            embedding = TextEncoder(config.get("text_encoder")).encode(list(batch["caption"]))
+    image, mask = batch["image"], batch["mask"]
+    generator = torch.Generator().manual_seed(GRID_SEED)
+    filled = model.inpaint(
+        image,
+        mask,
+        embedding,
+        samples=GRID_SAMPLES,
+        temperature=GRID_TEMPERATURE,
+        generator=generator,
+    )
+    shown = image * (1 - mask) + mask * 0.0  # the hole as mid-grey
+
+    def to_pixels(tensor: torch.Tensor) -> Any:
+        return ((tensor + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+    rows, columns = image.shape[0], GRID_SAMPLES + 2
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns, 1.6 * rows), squeeze=False, layout="constrained"
+    )
+    for row in range(rows):
+        cells = [shown[row], *filled[row], image[row]]
+        for column, cell in enumerate(cells):
+            axis = axes[row][column]
+            axis.imshow(to_pixels(cell), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                title = ("masked input", *(f"sample {i + 1}" for i in range(GRID_SAMPLES)), "truth")
+                axis.set_title(title[column], fontsize=8)
+        caption = batch["caption"][row] if "caption" in batch else ""
+        if caption:
+            axes[row][0].set_ylabel(caption[:28], fontsize=6)
+    figure.suptitle(f"EMA model, temperature {GRID_TEMPERATURE}", fontsize=9)
+    _save_figure(figure, path)
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
+    """Write loss.png, kl_per_layer.png and samples.png for a run folder; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "plots"
+    if not run_dir.is_dir():
+        raise InpaintError(f"{run_dir}: no such run folder")
+    train = read_jsonl(run_dir / "train.jsonl")
+    if not train:
+        raise InpaintError(f"{run_dir}: no train.jsonl records (not an `inpaint train` run?)")
+    val = read_jsonl(run_dir / "val.jsonl")
+    run: dict[str, Any] = {}
+    if (run_dir / "run.json").is_file():
+        try:
+            run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InpaintError(f"{run_dir / 'run.json'}: unreadable ({error})", 1) from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot create ({error.strerror})", exit_code=1) from None
+
+    written = []
+    plot_loss(train, val, out / "loss.png")
+    written.append(out / "loss.png")
+    layers = next((len(r["kl_bits_per_dim"]) for r in train if r.get("kl_bits_per_dim")), 0)
+    if layers:
+        labels = layer_labels(run.get("model_config", {}), layers)
+        plot_kl(train, val, labels, out / "kl_per_layer.png")
+        written.append(out / "kl_per_layer.png")
+    if (run_dir / "model").is_dir() and run.get("config"):
+        plot_samples(run_dir, run, out / "samples.png")
+        written.append(out / "samples.png")
+    else:
+        print(f"warning: {run_dir}: no exported model or run.json; sample grid skipped")
+    return written

@@ -1,0 +1,68 @@
+"""`inpaint report`: plots of a real (tiny) training run, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_train import tiny, write_square_shards
+from typer.testing import CliRunner
+
+from inpaint_cli.app import app
+from inpaint_cli.errors import InpaintError
+from inpaint_cli.report import layer_labels, read_jsonl, write_report
+from inpaint_cli.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    shards = write_square_shards(root / "shards", 24, 12)
+    out = root / "run"
+    train(tiny(shards, out, steps=6, val_data=shards, val_every=3, val_samples=8))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+def test_report_writes_loss_kl_and_sample_plots(run_dir, tmp_path):
+    out = tmp_path / "plots"
+    written = write_report(run_dir, out)
+    assert [path.name for path in written] == ["loss.png", "kl_per_layer.png", "samples.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temps
+
+
+def test_report_defaults_to_the_run_folder_and_runs_from_the_cli(run_dir):
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "plots" / "samples.png").is_file()
+    assert "loss.png" in result.output
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(InpaintError, match="train.jsonl"):
+        write_report(tmp_path)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'missing'}: no such run folder"
+    ]
+
+
+def test_logs_cut_by_a_kill_are_read_up_to_the_cut(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')
+    assert read_jsonl(path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_layer_labels_follow_the_top_down_order():
+    config = {"latent_groups": {"8": 1, "1": 1, "4": 2}}
+    assert layer_labels(config, 4) == ["1x1 #1", "4x4 #1", "4x4 #2", "8x8 #1"]
+    assert layer_labels(config, 3) == ["layer 0", "layer 1", "layer 2"]
