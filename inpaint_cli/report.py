@@ -179,13 +179,18 @@ def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> None:
     batch = next(iter(loader), None)
     if batch is None:
         raise InpaintError(f"{urls}: no validation images for the sample grid", exit_code=1)
-    embedding = None
+    embedding, keep = None, None
     if model.config.caption_dim > 0:
         embedding = batch.get("caption_embedding")
         if embedding is None:
             from conditioning import TextEncoder
 
-            embedding = TextEncoder(config.get("text_encoder")).encode(list(batch["caption"]))
+            try:
+                encoder = TextEncoder(config.get("text_encoder"))
+            except ValueError as error:  # TextEncoderError names the encoder's path
+                raise InpaintError(str(error), exit_code=1) from None
+            embedding = encoder.encode(list(batch["caption"]))
+        keep = torch.tensor([bool(caption) for caption in batch["caption"]]).float()
     image, mask = batch["image"], batch["mask"]
     generator = torch.Generator().manual_seed(GRID_SEED)
     filled = model.inpaint(
@@ -195,6 +200,7 @@ def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> None:
         samples=GRID_SAMPLES,
         temperature=GRID_TEMPERATURE,
         generator=generator,
+        caption_keep=keep,
     )
     shown = image * (1 - mask) + mask * 0.0  # the hole as mid-grey
 

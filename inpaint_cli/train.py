@@ -525,14 +525,12 @@ def validate(
                 break
             batch = {key: value[:take] for key, value in batch.items()}
             image, mask = _to_device(batch, accelerator.device)
-            embedding = None
-            if text_encoder is not None:
-                embedding = batch.get("caption_embedding")
-                if embedding is None:
-                    embedding = text_encoder.encode(list(batch["caption"]))
-                embedding = embedding.to(accelerator.device, torch.float32)
+            # dropout 0: every real caption is used, empty ones take the learned empty caption
+            embedding, keep = _caption_inputs(
+                batch, text_encoder, 0.0, torch.Generator(), accelerator.device
+            )
             with accelerator.autocast():
-                out = ema(image, mask, embedding)
+                out = ema(image, mask, embedding, keep)
             sums[0] += take
             sums[1] += out["per_image_bits_per_dim"].double().sum()
             sums[2] += out["recon_bits_per_dim"].double() * take

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_train import tiny, write_square_shards
+from test_train import CountingEncoder, tiny, write_square_shards
 from typer.testing import CliRunner
 
 from inpaint_cli.app import app
@@ -44,6 +44,17 @@ def test_report_defaults_to_the_run_folder_and_runs_from_the_cli(run_dir):
     assert result.exit_code == 0, result.output
     assert (run_dir / "plots" / "samples.png").is_file()
     assert "loss.png" in result.output
+
+
+def test_report_of_a_captioned_model(tmp_path, monkeypatch):
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", CountingEncoder)
+    shards = write_square_shards(tmp_path / "shards", 12, 12, embeddings=True)
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=2, captions=True, val_data=shards, val_every=2, val_samples=6))
+    written = write_report(out)
+    assert (out / "plots" / "samples.png") in written
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):

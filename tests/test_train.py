@@ -624,9 +624,19 @@ def test_captions_use_shard_embeddings_and_record_the_encoder(tmp_path, monkeypa
 
     out = tmp_path / "run"
     train(
-        tiny(embedded, out, steps=3, captions=True, caption_dropout=0.5),
+        tiny(
+            embedded,
+            out,
+            steps=3,
+            captions=True,
+            caption_dropout=0.5,
+            val_data=embedded,
+            val_every=3,
+            val_samples=8,
+        ),
         TrainHooks(after_backward=after_backward),
     )
+    assert np.isfinite(log(out, "val.jsonl")[0]["nll_bits_per_dim"])
     assert CountingEncoder.instances[-1].calls == 0  # the shards carried the embeddings
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["caption_dim"] == 4 and config["text_encoder"]["name"] == "counting"
