@@ -682,12 +682,6 @@ def _caption_ablation(
 ) -> dict[str, Any]:
     from inpaint_cli.metrics import paired_bootstrap_interval
 
-    if not embedder.enabled:
-        raise InpaintError(
-            f"{options.model or 'bundled model'}: the model has no text path (trained with "
-            "--no-captions); --caption-ablation needs a model trained with captions",
-            exit_code=2,
-        )
     if len(captioned) < 2:
         raise InpaintError(
             f"{options.data}: --caption-ablation needs at least two images with captions, "
@@ -998,6 +992,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     device = _resolve_device(options.device)
     model, model_path = _load_model(options.model, device)
     resolution = int(model.config.resolution)
+    if options.caption_ablation and int(model.config.caption_dim) == 0:
+        raise InpaintError(
+            f"{model_path}: the model has no text path (trained with --no-captions); "
+            "--caption-ablation needs a model trained with captions",
+            exit_code=2,
+        )
     warn = _Warnings(console)
     source = _open_source(options, resolution, warn)
     embedder = _CaptionEmbedder(model, options.text_encoder, device, source.text_encoder)

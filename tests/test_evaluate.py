@@ -297,7 +297,8 @@ def test_caption_ablation_needs_a_model_with_a_text_path(
 ) -> None:
     with pytest.raises(InpaintError) as error:
         evaluate(_options(image_folder, tiny_model, tmp_path / "r", caption_ablation=True))
-    assert "no text path" in str(error.value)
+    assert "no text path" in str(error.value) and error.value.exit_code == 2
+    assert not (tmp_path / "r").exists()  # refused before any scoring
 
 
 def test_derangement_moves_every_item_and_avoids_equal_labels() -> None:
