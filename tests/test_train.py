@@ -231,6 +231,22 @@ def test_optimizer_and_rng_state_survive_safetensors_and_json(tmp_path):
     assert expected[2:] == again[2:]
 
 
+def test_pruning_keeps_the_newest_and_the_best_by_validation_nll(tmp_path):
+    scores = {2: 5.0, 4: 3.0, 6: 4.0, 8: None, 10: 6.0}
+    for step, val_nll in scores.items():
+        temp = ckpt.begin(tmp_path, step)
+        ckpt.write_json(temp, "x.json", {"step": step})
+        ckpt.finish(temp, {"step": step, "val_nll": val_nll})
+        ckpt.prune(tmp_path, keep_last=2)
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [4, 8, 10]
+    assert ckpt.best_checkpoint(tmp_path).name == ckpt.checkpoint_name(4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-00000004",
+        "step-00000008",
+        "step-00000010",
+    ]  # deleted ones leave nothing behind
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 
@@ -515,6 +531,44 @@ def test_disk_full_or_read_only_during_a_checkpoint_is_a_clear_error(
     assert list((out / "checkpoints").iterdir()) == []  # no partial checkpoint left behind
     monkeypatch.undo()
     assert train(replace(config, resume=True))["steps"] == 4
+
+
+def test_time_based_checkpoints_and_gradient_accumulation(tmp_path, shards):
+    out = tmp_path / "run"
+    summary = train(tiny(shards, out, steps=3, grad_accum=2, checkpoint_minutes=0.0))
+    assert [step for step, _ in ckpt.list_checkpoints(out)] == [1, 2, 3]  # each step is "due"
+    rank = json.loads((out / "ranks" / "rank-0.json").read_text())
+    assert rank["samples_seen_this_session"] == 3 * 2 * 8
+    state = ckpt.verify(out / "checkpoints" / ckpt.checkpoint_name(3))
+    assert state["batches_per_rank"] == 6
+    assert summary["steps"] == 3
+
+
+def test_cli_trains_and_resumes(tmp_path, shards):
+    out = tmp_path / "run"
+    arguments = [
+        "train",
+        "--data",
+        shards,
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-captions",
+        "--num-workers",
+        "0",
+    ]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 steps" in result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["batch_size"] == 4 and run["command_line"]
+    result = CliRunner().invoke(app, arguments + ["--resume"])
+    assert result.exit_code == 0 and "trained 0 steps" in result.output
 
 
 # ---- options and errors ------------------------------------------------------------------------
