@@ -124,6 +124,8 @@ PRESETS: dict[str, HVAEConfig] = {
         encoder_blocks={16: 1, 8: 1, 4: 1, 1: 1},
         latent_groups={1: 1, 4: 1, 8: 1},
         z_channels=4,
+        # at width 16 a 0.25 bottleneck leaves 4 channels, too few to carry the latents
+        bottleneck=1.0,
         num_mixtures=2,
     ),
     # the default model: trainable on 2 CPU cores in hours
@@ -572,18 +574,20 @@ class HVAE(nn.Module):
         mask: torch.Tensor,
         caption_embedding: torch.Tensor | None = None,
         importance_samples: int = 1,
+        caption_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Upper bound on each image's hole NLL, bits/dim: the negative ELBO (K=1) or the
         importance-weighted bound with K posterior samples (tighter as K grows)."""
         if importance_samples <= 1:
-            return self.forward(image, mask, caption_embedding)["per_image_bits_per_dim"]
+            out = self.forward(image, mask, caption_embedding, caption_keep)
+            return out["per_image_bits_per_dim"]
         k, batch = importance_samples, image.shape[0]
         hole = mask.to(image.dtype)
         both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
         rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
         observed = {s: rep(v[:batch]) for s, v in both.items()}
         full = {s: rep(v[batch:]) for s, v in both.items()}
-        caption = self._caption(batch, caption_embedding, None, image)
+        caption = self._caption(batch, caption_embedding, caption_keep, image)
         caption = None if caption is None else rep(caption)
         h, stats = self._decode(observed, full, caption)
         x, hole_k = rep(image), rep(hole)
@@ -606,17 +610,19 @@ class HVAE(nn.Module):
         samples: int = 1,
         temperature: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        caption_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """N completions per image, (B, N, 3, H, W) in [-1, 1]; known pixels returned exactly.
 
         `generator` may be one generator for the batch or one per image: per-image generators
-        make each image's result independent of the batch it was in.
+        make each image's result independent of the batch it was in. `caption_keep` (B,) marks
+        which rows of `caption_embedding` are real captions; the others use the empty caption.
         """
         batch, n = image.shape[0], samples
         hole = mask.to(image.dtype)
         enc = self.encoder(self._observed(image, hole))
         observed = {s: v.repeat_interleave(n, 0) for s, v in enc.items()}
-        caption = self._caption(batch, caption_embedding, None, image)
+        caption = self._caption(batch, caption_embedding, caption_keep, image)
         caption = None if caption is None else caption.repeat_interleave(n, 0)
         noises = self._prior_noise(observed, batch, n, generator, image.device)
         h, _ = self._decode(observed, None, caption, noises, temperature)
