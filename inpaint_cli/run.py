@@ -687,4 +687,8 @@ def run_folder(options: RunOptions) -> dict:
             grid = _write_grid(options, items, out, log)
             summary["grid"] = str(grid) if grid else None
         _print_summary(summary, options)
+    if world > 1:
+        # gloo's threads must stop before the interpreter does, or a rank can abort at exit
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return summary

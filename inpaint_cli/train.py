@@ -1056,4 +1056,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                 else ""
             )
         )
+    if world > 1:
+        # gloo's threads must stop before the interpreter does, or a rank can abort at exit
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return summary
