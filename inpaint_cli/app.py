@@ -38,8 +38,10 @@ def _call(job: Callable[[], Any]) -> Any:
 
 @app.command()
 def shards(
-    src: Path = typer.Argument(..., help="Image folder, saved HF dataset, or parquet file/folder."),
-    out: Path = typer.Argument(..., help="Output folder for the tar shards."),
+    src: Path = typer.Argument(
+        ..., metavar="SRC", help="Image folder, saved HF dataset, or parquet file/folder."
+    ),
+    out: Path = typer.Argument(..., metavar="OUT", help="Output folder for the tar shards."),
     splits: str = typer.Option(
         "train=1.0", help="Named split fractions, e.g. train=0.9,val=0.05,test=0.05."
     ),
@@ -84,8 +86,10 @@ def shards(
 
 @app.command()
 def masks(
-    images: Path = typer.Argument(..., help="Image file or folder (recursive)."),
-    out: Path = typer.Argument(..., help="Folder for the masks: one PNG per image, same stem."),
+    images: Path = typer.Argument(..., metavar="IMAGES", help="Image file or folder (recursive)."),
+    out: Path = typer.Argument(
+        ..., metavar="OUT", help="Folder for the masks: one PNG per image, same stem."
+    ),
     kind: str = typer.Option("center", help="center, box or stroke."),
     hole_area: str = typer.Option("0.1-0.5", help="Hole area range for box and stroke."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -181,7 +185,7 @@ def train(
 
 @app.command()
 def run(
-    images: Path = typer.Argument(..., help="Image file or folder (recursive)."),
+    images: Path = typer.Argument(..., metavar="IMAGES", help="Image file or folder (recursive)."),
     masks: Path = typer.Option(..., help="Mask folder (same stem or <stem>_mask*.png) or file."),
     out: Path = typer.Option(..., help="Output folder."),
     model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
@@ -286,7 +290,9 @@ def evaluate(
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="Run folder written by `inpaint train`."),
+    run_dir: Path = typer.Argument(
+        ..., metavar="RUN_DIR", help="Run folder written by `inpaint train`."
+    ),
     out: Path | None = typer.Option(None, help="Where to write the plots (default: run/plots)."),
 ) -> None:
     """Plot a training run: loss and per-layer KL, train vs validation, and sample grids.
