@@ -27,9 +27,13 @@ def machine_line() -> str:
     except OSError:
         pass
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    # On a shared machine OpenMP's default spin-waiting makes 2 threads far slower than 1 when
+    # another process holds a core; OMP_WAIT_POLICY=PASSIVE avoids that. Print what was set.
+    omp = {name: os.environ.get(name, "unset") for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     return (
         f"{model_name}; {os.cpu_count()} cores; torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()}); "
+        f"OMP_NUM_THREADS={omp['OMP_NUM_THREADS']} OMP_WAIT_POLICY={omp['OMP_WAIT_POLICY']}; "
         f"load average {load}"
     )
 
