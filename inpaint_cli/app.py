@@ -6,6 +6,7 @@ transformers or datasets. Each command imports its job module inside its body.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -307,6 +308,9 @@ def report(
 
 
 def main() -> None:
+    # OpenMP threads spin while they wait by default; on a shared or busy machine that made
+    # 2-thread inference up to 20x slower (benchmarks/). Passive waiting changes no result.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 
