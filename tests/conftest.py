@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import os
+
+# One OpenMP thread, set before anything imports torch: the fault tests fork training
+# processes (GNU OpenMP is not fork-safe once its pool exists), the timing-based kill tests
+# need a responsive machine, and the short training tests were tuned with a fixed thread
+# count, which also fixes their floating-point summation order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import csv  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
