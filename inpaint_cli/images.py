@@ -204,6 +204,17 @@ def list_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
+def make_output_folder(out: Path, src: Path) -> None:
+    """Create `out`, refusing one inside the input folder `src` (its files would be read back
+    as inputs). One-line InpaintError on either problem."""
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise InpaintError(f"{out}: the output folder is inside the input folder", exit_code=2)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never part.
 

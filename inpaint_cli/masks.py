@@ -152,7 +152,7 @@ def write_masks(
     from rich.console import Console
     from rich.progress import Progress
 
-    from inpaint_cli.images import list_images, load_image, save_png_atomic
+    from inpaint_cli.images import list_images, load_image, make_output_folder, save_png_atomic
 
     check_kind(kind)
     area = parse_hole_area(hole_area) if isinstance(hole_area, str) else tuple(hole_area)
@@ -161,12 +161,7 @@ def write_masks(
     if not paths:
         raise InpaintError(f"{images}: no images found", exit_code=2)
     root = images if images.is_dir() else images.parent
-    if images.is_dir() and out.resolve().is_relative_to(images.resolve()):
-        raise InpaintError(f"{out}: the output folder is inside the input folder", exit_code=2)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
+    make_output_folder(out, images)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     counts = {"written": 0, "skipped": 0, "failed": 0}
     targets: set[Path] = set()

@@ -27,6 +27,7 @@ from inpaint_cli.images import (
     decode_image,
     image_to_rgb_uint8,
     list_images,
+    make_output_folder,
     png_bytes,
 )
 
@@ -373,12 +374,7 @@ class _SplitWriter:
 
 
 def _prepare_output(out: Path, src: Path, splits: list[tuple[str, float]]) -> None:
-    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
-        raise InpaintError(f"{out}: the output folder is inside the input folder", exit_code=2)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
+    make_output_folder(out, src)
     for name, _ in splits:
         if any(out.glob(f"{name}-*.tar")):
             raise InpaintError(
