@@ -180,6 +180,12 @@ class Block(nn.Module):
         self.c3 = nn.Conv2d(c_mid, c_mid, k, padding=k // 2)
         self.c4 = nn.Conv2d(c_mid, c_out, 1)
         self.residual = residual
+        # variance-preserving init. PyTorch's default (std 1/sqrt(3 fan_in)) shrinks a signal ~3x
+        # per conv+GELU, so four deep it was ~100x: the posterior's means started ~0.01 wide and
+        # the z -> pixel path so weak that a tiny model did not use its latents in 300 steps
+        for conv in (self.c1, self.c2, self.c3):
+            _fan_in_init(conv, math.sqrt(2.0))
+        _fan_in_init(self.c4, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c1(F.gelu(self.norm(x)))
@@ -187,6 +193,14 @@ class Block(nn.Module):
         h = self.c3(F.gelu(h))
         h = self.c4(F.gelu(h))
         return x + h if self.residual else h
+
+
+def _fan_in_init(conv: nn.Conv2d | nn.Linear, gain: float) -> None:
+    """Weights with std gain/sqrt(fan_in) (He init for gain sqrt(2)), zero bias."""
+    fan_in = conv.weight[0].numel()
+    with torch.no_grad():
+        conv.weight.normal_(0.0, gain / math.sqrt(fan_in))
+        conv.bias.zero_()
 
 
 def _scale_last_conv(block: Block, scale: float) -> None:
@@ -207,6 +221,7 @@ class Encoder(nn.Module):
         res = config.resolutions
         self.resolutions = res
         self.stem = nn.Conv2d(4, config.widths[res[0]], 3, padding=1)
+        _fan_in_init(self.stem, 1.0)
         total = sum(config.encoder_blocks.values()) or 1
         self.stages = nn.ModuleDict()
         self.transitions = nn.ModuleDict()
@@ -221,6 +236,7 @@ class Encoder(nn.Module):
             self.stages[str(size)] = nn.Sequential(*blocks)
             if i + 1 < len(res):
                 self.transitions[str(size)] = nn.Conv2d(width, config.widths[res[i + 1]], 1)
+                _fan_in_init(self.transitions[str(size)], 1.0)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         features: dict[int, torch.Tensor] = {}
@@ -269,6 +285,13 @@ class LatentGroup(nn.Module):
         self.z_proj = nn.Conv2d(zc, width, 1)
         self.resnet = Block(width, mid, width, spatial, config.norm, True)
         self.caption_proj = nn.Linear(config.caption_dim, width) if captioned else None
+        _fan_in_init(self.z_proj, 1.0)
+        if self.caption_proj is not None:
+            # embeddings are unit vectors: weights of std 0.5 give outputs of std ~0.5, a clear
+            # signal from the first step (fan-in init would make it ~0.03)
+            with torch.no_grad():
+                self.caption_proj.weight.normal_(0.0, 0.5)
+                self.caption_proj.bias.zero_()
         # the prior starts as N(0, 1) and each group's writes start small (VDVAE's init)
         with torch.no_grad():
             self.prior.c4.weight.mul_(0.0)
@@ -351,10 +374,18 @@ class PixelMixture(nn.Module):
         self.m = config.num_mixtures
         self.gaussian = config.pixel_distribution == "gaussian"
         self.head = nn.Conv2d(width, 10 * self.m, 1)
-        # start with narrow components around the pyramid fill (scale ~ 10 grey levels) rather
-        # than a near-uniform distribution: the first thousand updates are then not wasted
+        _fan_in_init(self.head, 1.0)
+        # start with narrow components (scale ~ 10 grey levels) centred exactly on the pyramid
+        # fill rather than a near-uniform distribution around random means: an untrained model
+        # then fills like the classical push-pull fill, and the first updates are not wasted
+        # undoing a random offset (with default init the offsets were ~0.5, i.e. 60 grey levels)
+        # (the channel coupling starts off too, so the mean is exactly that fill)
         with torch.no_grad():
+            self.head.weight[self.m : 4 * self.m].zero_()
+            self.head.bias[self.m : 4 * self.m].zero_()
             self.head.bias[4 * self.m : 7 * self.m].fill_(-2.5)
+            self.head.weight[7 * self.m :].zero_()
+            self.head.bias[7 * self.m :].zero_()
 
     def params(self, h: torch.Tensor, base: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.head(h).float()
@@ -436,10 +467,12 @@ class HVAE(nn.Module):
         for i, size in enumerate(reversed(res)):
             width = config.widths[size]
             self.skips[str(size)] = nn.Conv2d(width, width, 1)
+            _fan_in_init(self.skips[str(size)], 1.0)
             if i > 0:
                 self.upsamples[str(size)] = nn.Conv2d(
                     config.widths[list(reversed(res))[i - 1]], width, 1
                 )
+                _fan_in_init(self.upsamples[str(size)], 1.0)
             layer_groups = nn.ModuleList()
             for _ in range(config.latent_groups.get(size, 0)):
                 captioned = config.caption_dim > 0 and (first_group or config.condition_all_layers)

@@ -106,3 +106,19 @@ def index_of() -> Callable[[object], int]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def random_tiny_model(**overrides: object):
+    """An untrained tiny HVAE whose fill depends on its latents and caption, for plumbing tests
+    (seeds, captions, batching). A fresh HVAE fills exactly like the pyramid fill, because its
+    pixel head's mean and coupling weights start at zero; these get random values here."""
+    import torch
+
+    from model.hvae import HVAE, preset_config
+
+    torch.manual_seed(0)
+    model = HVAE(preset_config("tiny", **overrides))
+    m = model.pixels.m
+    with torch.no_grad():
+        model.pixels.head.weight[m : 4 * m].normal_(0.0, 0.25)
+    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import random_tiny_model
 
 from inpaint_cli.baselines import BASELINES, biharmonic_fill, mean_colour_fill
 from inpaint_cli.metrics import hole_psnr
@@ -89,12 +90,7 @@ FAKE_ENCODER = {"name": "fake-encoder", "dim": 8, "weights_hash": "f" * 64}
 
 
 def _save_tiny_model(folder: Path, **overrides: object) -> Path:
-    import torch
-
-    from model.hvae import HVAE, preset_config
-
-    torch.manual_seed(0)
-    HVAE(preset_config("tiny", **overrides)).save_pretrained(folder)
+    random_tiny_model(**overrides).save_pretrained(folder)
     return folder
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_tiny_model
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -22,14 +23,9 @@ RNG_SEED = 1234
 
 
 def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised tiny HVAE saved as a model folder."""
-    import torch
-
-    from model.hvae import HVAE, preset_config
-
-    torch.manual_seed(0)
+    """An untrained tiny HVAE (random pixel head) saved as a model folder."""
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    HVAE(preset_config("tiny")).save_pretrained(folder)
+    random_tiny_model().save_pretrained(folder)
     return folder
 
 
@@ -377,13 +373,7 @@ def default_encoder_identity() -> dict:
 
 
 def _caption_model(folder: Path, identity: dict) -> Path:
-    import torch
-
-    from model.hvae import HVAE, preset_config
-
-    torch.manual_seed(0)
-    config = preset_config("tiny", caption_dim=identity["dim"], text_encoder=identity)
-    HVAE(config).save_pretrained(folder)
+    random_tiny_model(caption_dim=identity["dim"], text_encoder=identity).save_pretrained(folder)
     return folder
 
 

@@ -143,10 +143,13 @@ def test_kl_warmup_is_staggered_by_layer():
         assert weights == sorted(weights, reverse=True)  # upper layers never behind lower ones
         later = kl_warmup_weights(step + 1, 5, 8)
         assert all(b >= a for a, b in zip(weights, later, strict=True))
-    # the default ramp finishes every layer by a quarter of the run
-    for steps, layers in ((10000, 8), (400, 3), (40, 12)):
+    # the default ramp finishes every layer by 5% of the run, and by step 1,000 of a long one
+    for steps, layers in ((10000, 8), (400, 3), (40, 12), (100000, 8)):
         warmup = default_kl_warmup(steps, layers)
-        assert kl_warmup_weights(steps // 4, layers, warmup) == [1.0] * layers
+        finish = min(1000, steps // 20)
+        assert kl_warmup_weights(finish, layers, warmup) == [1.0] * layers
+        if warmup > 1:
+            assert kl_warmup_weights(finish // 2, layers, warmup)[-1] < 1.0
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
@@ -268,7 +271,8 @@ def test_tiny_preset_overfits_a_handful_of_images(tmp_path):
     records = log(out)
     start = records[0]["nll_bits_per_dim"]  # the untrained model, on the first batch
     end = np.mean([r["nll_bits_per_dim"] for r in records[-5:]])
-    assert end < 0.6 * start, (start, end)
+    # the untrained model already fills like the pyramid fill, so the drop is in bits, not %
+    assert end < start - 2.0, (start, end)
     for record in records:
         assert all(np.isfinite(k) and k >= 0 for k in record["kl_bits_per_dim"])
     validation = log(out, "val.jsonl")
