@@ -139,6 +139,9 @@ def train(
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (fp16 needs a GPU)."),
     captions: bool = typer.Option(True, help="Train with caption conditioning."),
     caption_dropout: float = typer.Option(0.1, min=0.0, max=1.0, help="Caption dropout rate."),
+    condition_all_layers: bool = typer.Option(
+        False, help="Condition every latent group on the caption, not only the top one."
+    ),
     text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
     num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
     background: str = typer.Option("white", help="Alpha background: white or random."),
@@ -175,6 +178,7 @@ def train(
         mixed_precision=mixed_precision,
         captions=captions,
         caption_dropout=caption_dropout,
+        condition_all_layers=condition_all_layers,
         text_encoder=text_encoder,
         num_workers=num_workers,
         background=background,
