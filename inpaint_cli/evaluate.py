@@ -186,50 +186,20 @@ def _fit_to_resolution(
 
 
 class _MaskFolder:
-    """Masks matched as `inpaint run` matches them: by relative folder (then the top folder) and
-    stem, `<stem>.<image ext>` first (PNG preferred), else the union of `<stem>_mask*.png`; a
-    single mask file serves every image."""
+    """Masks matched exactly as `inpaint run` matches them (run_plan.MaskFinder)."""
 
     def __init__(self, root: Path) -> None:
-        from inpaint_cli.images import IMAGE_EXTENSIONS, MASK_NAME_RE
+        from inpaint_cli.run_plan import MaskFinder
 
         self.root = root
-        self.single = root if root.is_file() else None
-        self.by_stem: dict[tuple[str, str], list[Path]] = {}
-        self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
-        if self.single is not None:
-            return
-        for path in sorted(root.rglob("*")):
-            relative = path.relative_to(root)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-                continue
-            if any(part.startswith(".") for part in relative.parts):
-                continue
-            folder = relative.parent.as_posix()
-            named = MASK_NAME_RE.match(path.name)
-            if named:
-                self.by_mask_name.setdefault((folder, named["stem"]), []).append(path)
-            else:
-                self.by_stem.setdefault((folder, path.stem), []).append(path)
-
-    def find(self, folder: str, stem: str) -> list[Path]:
-        if self.single is not None:
-            return [self.single]
-        for key in dict.fromkeys([(folder, stem), (".", stem)]):
-            same_stem = self.by_stem.get(key)
-            if same_stem:
-                return [min(same_stem, key=lambda p: (p.suffix.lower() != ".png", p.name))]
-            named = self.by_mask_name.get(key)
-            if named:
-                return named
-        return []
+        self.finder = MaskFinder(root)
 
     def load(self, name: str, stem: str, width: int, height: int) -> np.ndarray:
         """The union of the holes of the masks for `name` (an image's relative path or a shard
         key, whose last part is `stem`), resized (nearest) to width x height."""
         from inpaint_cli.images import load_mask
 
-        paths = self.find(PurePosixPath(name).parent.as_posix(), stem)
+        paths = self.finder.find_stem(PurePosixPath(name).parent.as_posix(), stem)
         if not paths:
             raise InpaintError(f"{name}: no mask found in {self.root}", exit_code=1)
         hole = np.zeros((height, width), dtype=bool)

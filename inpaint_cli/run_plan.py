@@ -120,23 +120,27 @@ def discover(images: Path, out: Path) -> tuple[Path, list[Path]]:
     return images, found
 
 
-class _MaskFinder:
-    """Masks by relative folder and stem: `<stem>.<ext>` first, then `<stem>_mask*.png`."""
+class MaskFinder:
+    """Masks by relative folder (then the top folder) and stem: `<stem>.<image ext>` first (PNG
+    preferred), else every `<stem>_mask*.png` (their holes are united); a single mask file
+    serves every image. `inpaint run` and `inpaint eval` both match masks with it."""
 
-    def __init__(self, masks: Path, out: Path, image_files: set[Path]) -> None:
+    def __init__(
+        self, masks: Path, out: Path | None = None, image_files: frozenset[Path] = frozenset()
+    ) -> None:
         self.single = masks if masks.is_file() else None
         self.by_stem: dict[tuple[str, str], list[Path]] = {}
         self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
         if self.single is not None:
             return
-        out_resolved = out.resolve()
+        out_resolved = None if out is None else out.resolve()
         for path in sorted(masks.rglob("*")):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
             relative = path.relative_to(masks)
             if any(part.startswith(".") for part in relative.parts):
                 continue
-            if _inside(path.resolve(), out_resolved):
+            if out_resolved is not None and _inside(path.resolve(), out_resolved):
                 continue
             key_folder = relative.parent.as_posix()
             named = MASK_NAME_RE.match(path.name)
@@ -146,9 +150,15 @@ class _MaskFinder:
                 self.by_stem.setdefault((key_folder, path.stem), []).append(path)
 
     def find(self, rel: PurePosixPath) -> list[Path]:
+        """The masks of the image at relative path `rel`."""
+        return self.find_stem(rel.parent.as_posix(), rel.stem)
+
+    def find_stem(self, folder: str, stem: str) -> list[Path]:
+        """The masks of an item named `stem` in relative folder `folder` (a shard key's stem
+        may contain dots, so it is passed as is)."""
         if self.single is not None:
             return [self.single]
-        for key in dict.fromkeys([(rel.parent.as_posix(), rel.stem), (".", rel.stem)]):
+        for key in dict.fromkeys([(folder, stem), (".", stem)]):
             same_stem = self.by_stem.get(key)
             if same_stem:
                 return [min(same_stem, key=lambda p: (p.suffix.lower() != ".png", p.name))]
@@ -201,7 +211,7 @@ def plan(
     warn: Callable[[str], None] | None,
 ) -> list[Item]:
     image_set = set(files)
-    finder = _MaskFinder(masks, out, image_set)
+    finder = MaskFinder(masks, out, frozenset(image_set))
     file_captions = read_caption_file(Path(options.caption_file)) if options.caption_file else {}
     items = []
     for path in files:
