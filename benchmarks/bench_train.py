@@ -9,6 +9,8 @@ counted, so the utilisation is a lower bound on how busy the cores are). Variant
 - bf16: `torch.autocast("cpu", torch.bfloat16)`, as `--mixed-precision bf16`; also prints the
   change of the negative ELBO (bits/dim) against fp32 on the same batch and noise. Skipped
   unless asked for when this CPU's bf16 matmul is slower than its fp32 matmul.
+- compile: `torch.compile(model)` (inductor), only with `--variants ...,compile`: compiling
+  takes minutes on a small CPU; the compile time is printed apart and not in images/s.
 
 Run: /work/venv/bin/python benchmarks/bench_train.py [--presets tiny,small,base]
      [--batch-size 16] [--steps 3] [--variants fp32,channels_last,bf16] [--data SHARDS]
@@ -64,6 +66,8 @@ def prepare(model: torch.nn.Module, image: torch.Tensor, mask: torch.Tensor, var
         model = model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
         mask = mask.contiguous(memory_format=torch.channels_last)
+    if variant == "compile":
+        model = torch.compile(model)
     return model, image, mask
 
 
@@ -87,6 +91,8 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         if index > 0:  # the first step pays for allocation and kernel selection
             elapsed += time.perf_counter() - start
+        elif variant == "compile":
+            print(f"  compile: first step {time.perf_counter() - start:.1f} s", flush=True)
     return elapsed
 
 
