@@ -256,6 +256,9 @@ def evaluate(
     model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
     masks: str = typer.Option("center", help="center, box, stroke or a mask folder."),
     samples: int = typer.Option(8, min=1, help="Samples per image (K)."),
+    temperature: float = typer.Option(
+        0.8, min=0.0, help="Prior temperature of the samples (0.8: as `inpaint run`)."
+    ),
     baselines: bool = typer.Option(False, help="Also score classical fills."),
     caption_ablation: bool = typer.Option(
         False, help="Hole NLL with true/empty/shuffled captions."
@@ -280,6 +283,7 @@ def evaluate(
         model=model,
         masks=masks,
         samples=samples,
+        temperature=temperature,
         baselines=baselines,
         caption_ablation=caption_ablation,
         out=out,

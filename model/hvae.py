@@ -643,6 +643,32 @@ class HVAE(nn.Module):
         dims = (hole[:, 0].float().flatten(1).sum(1) * 3).clamp_min(1.0)
         return -bound / (dims * LN2)
 
+    @torch.no_grad()
+    def hole_recon_bits_per_dim(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        caption_embedding: torch.Tensor | None = None,
+        latents: str = "posterior",
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Each image's hole reconstruction NLL (bits/dim, no KL) with the latents drawn from
+        the posterior (which saw the hole) or from the prior (which did not). The gap between
+        the two says how much the latents carry: zero means the decoder ignores them."""
+        if latents not in ("posterior", "prior"):
+            raise ValueError(f"latents must be 'posterior' or 'prior', got {latents!r}")
+        hole, batch = mask.to(image.dtype), image.shape[0]
+        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
+        observed = {k: v[:batch] for k, v in both.items()}
+        full = {k: v[batch:] for k, v in both.items()} if latents == "posterior" else None
+        caption = self._caption(batch, caption_embedding, None, image)
+        noises = self._prior_noise(observed, batch, 1, generator, image.device)
+        h, _ = self._decode(observed, full, caption, noises)
+        log_px = self.pixels.log_prob(image, self.pixels.params(h, pyramid_fill(image, hole)))
+        hole_px = hole[:, 0].float()
+        dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)
+        return -(log_px * hole_px).flatten(1).sum(1) / (dims * LN2)
+
     # --- sampling
 
     @torch.no_grad()

@@ -177,6 +177,9 @@ def test_eval_writes_a_complete_report(
     }
     for scores in saved["methods"].values():
         assert 0 < scores["psnr"] <= 100 and -1 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
+    assert set(saved["median_psnr"]) == set(saved["methods"])
+    assert all(0 < value <= 100 for value in saved["median_psnr"].values())
+    assert "median hole PSNR" in (out / "metrics.md").read_text()
     one, best = saved["methods"]["model, 1 sample"], saved["methods"]["model, best of 3"]
     assert best["psnr"] >= one["psnr"] and best["l1"] <= one["l1"]
     nll = saved["nll"]
