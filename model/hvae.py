@@ -52,6 +52,9 @@ class HVAEConfig:
     bottleneck: float = 0.25
     num_mixtures: int = 5
     pixel_distribution: str = "logistic"  # "logistic" (VDVAE) or "gaussian" (original project)
+    # the classical fill the pixel means start from: "pyramid" (push-pull) or "harmonic"
+    # (Laplace equation, solved from the pyramid fill): measured +2 dB hole PSNR on emoji
+    base_fill: str = "pyramid"
     norm: str = "none"  # "none" (VDVAE-style scaled init), "group" or "batch"
     caption_dim: int = 0  # 0: no text path at all
     condition_all_layers: bool = False
@@ -99,6 +102,8 @@ class HVAEConfig:
             raise ValueError("num_mixtures must be in 1..64")
         if self.pixel_distribution not in ("logistic", "gaussian"):
             raise ValueError("pixel_distribution must be 'logistic' or 'gaussian'")
+        if self.base_fill not in ("pyramid", "harmonic"):
+            raise ValueError("base_fill must be 'pyramid' or 'harmonic'")
         if self.norm not in ("none", "group", "batch"):
             raise ValueError("norm must be 'none', 'group' or 'batch'")
         if not 0 <= self.caption_dim <= 65536:
@@ -129,7 +134,7 @@ PRESETS: dict[str, HVAEConfig] = {
         num_mixtures=2,
     ),
     # the default model: trainable on 2 CPU cores in hours
-    "small": HVAEConfig(),
+    "small": HVAEConfig(base_fill="harmonic"),
     # for a GPU
     "base": HVAEConfig(
         widths={64: 64, 32: 128, 16: 256, 8: 384, 4: 384, 1: 384},
@@ -137,6 +142,7 @@ PRESETS: dict[str, HVAEConfig] = {
         latent_groups={1: 2, 4: 4, 8: 6, 16: 6, 32: 3},
         z_channels=32,
         num_mixtures=10,
+        base_fill="harmonic",
     ),
 }
 
@@ -376,6 +382,24 @@ def pyramid_fill(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     return image * known + filled * hole
 
 
+def harmonic_fill(image: torch.Tensor, hole: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """Fill the hole with the solution of Laplace's equation (each hole pixel the mean of its
+    four neighbours), by Jacobi iterations started from the pyramid fill.
+
+    Smoother than the pyramid fill and close to scikit-image's biharmonic fill: on 96 held-out
+    emoji with a centre hole, 14.4 dB mean hole PSNR against 12.4 (pyramid) and 15.4
+    (biharmonic); median 13.8, 10.9 and 13.5.
+    """
+    known = image * (1.0 - hole)
+    filled = pyramid_fill(image, hole)
+    for _ in range(iterations):
+        # replicate padding: no flux across the image border
+        p = F.pad(filled, (1, 1, 1, 1), mode="replicate")
+        neighbours = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]
+        filled = known + hole * (0.25 * neighbours)
+    return filled
+
+
 class PixelMixture(nn.Module):
     """Discretised logistic / Gaussian mixture over 8-bit RGB with PixelCNN++'s channel coupling."""
 
@@ -508,6 +532,12 @@ class HVAE(nn.Module):
 
     # --- helpers
 
+    def base_fill(self, image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """The classical fill the pixel means start from (config.base_fill)."""
+        if self.config.base_fill == "harmonic":
+            return harmonic_fill(image, hole)
+        return pyramid_fill(image, hole)
+
     @staticmethod
     def _observed(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         return torch.cat([image * (1 - hole), hole], 1)
@@ -588,7 +618,7 @@ class HVAE(nn.Module):
         full = {k: v[batch:] for k, v in both.items()}
         caption = self._caption(batch, caption_embedding, caption_keep, image)
         h, stats = self._decode(observed, full, caption)
-        p = self.pixels.params(h, pyramid_fill(image, hole))
+        p = self.pixels.params(h, self.base_fill(image, hole))
         log_px = self.pixels.log_prob(image, p)  # (B,H,W)
         hole_px = hole[:, 0].float()
         dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)  # hole dimensions per image
@@ -635,7 +665,7 @@ class HVAE(nn.Module):
         caption = None if caption is None else rep(caption)
         h, stats = self._decode(observed, full, caption)
         x, hole_k = rep(image), rep(hole)
-        p = self.pixels.params(h, pyramid_fill(x, hole_k))
+        p = self.pixels.params(h, rep(self.base_fill(image, hole)))
         log_px = (self.pixels.log_prob(x, p) * hole_k[:, 0].float()).flatten(1).sum(1)
         log_w = log_px - torch.stack([s["log_q_minus_log_p"] for s in stats], 1).sum(1)
         log_w = log_w.reshape(batch, k)
@@ -664,7 +694,7 @@ class HVAE(nn.Module):
         caption = self._caption(batch, caption_embedding, None, image)
         noises = self._prior_noise(observed, batch, 1, generator, image.device)
         h, _ = self._decode(observed, full, caption, noises)
-        log_px = self.pixels.log_prob(image, self.pixels.params(h, pyramid_fill(image, hole)))
+        log_px = self.pixels.log_prob(image, self.pixels.params(h, self.base_fill(image, hole)))
         hole_px = hole[:, 0].float()
         dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)
         return -(log_px * hole_px).flatten(1).sum(1) / (dims * LN2)
@@ -697,7 +727,8 @@ class HVAE(nn.Module):
         noises = self._prior_noise(observed, batch, n, generator, image.device)
         h, _ = self._decode(observed, None, caption, noises, temperature)
         x, hole_n = image.repeat_interleave(n, 0), hole.repeat_interleave(n, 0)
-        fill = self.pixels.mean(self.pixels.params(h, pyramid_fill(x, hole_n)))
+        base = self.base_fill(image, hole).repeat_interleave(n, 0)
+        fill = self.pixels.mean(self.pixels.params(h, base))
         out = torch.where(hole_n > 0.5, fill.to(image.dtype), x)
         return out.reshape(batch, n, *image.shape[1:])
 

@@ -198,6 +198,29 @@ def test_untrained_model_fills_exactly_like_the_pyramid_fill() -> None:
         assert torch.allclose(out[:, k], expected, atol=1e-6)
 
 
+def test_harmonic_fill_solves_laplace_in_the_hole_and_keeps_known_pixels() -> None:
+    from model.hvae import harmonic_fill
+
+    # a linear ramp is harmonic: the fill must recover it inside the hole
+    ramp = torch.linspace(-0.6, 0.6, 16)
+    image = (ramp[None, :] + 0.5 * ramp[:, None]).expand(1, 3, 16, 16).contiguous()
+    mask = _centre_mask(1)
+    filled = harmonic_fill(image, mask, iterations=400)
+    known = mask.expand(-1, 3, -1, -1) == 0
+    assert torch.equal(filled[known], image[known])
+    error = (filled - image).abs().max()
+    assert error < 0.002
+    assert error < 0.2 * (pyramid_fill(image, mask) - image).abs().max()  # improves its start
+    # a model configured with it uses it: untrained, it fills exactly like it
+    torch.manual_seed(0)
+    model = HVAE(preset_config("tiny", base_fill="harmonic")).eval()
+    out = model.inpaint(image, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out[:, 0], harmonic_fill(image, mask).clamp(-1, 1), atol=1e-6)
+    assert preset_config("small").base_fill == "harmonic"
+    with pytest.raises(ValueError, match="base_fill"):
+        preset_config("tiny", base_fill="telea")
+
+
 def test_untrained_posterior_means_depend_on_the_image() -> None:
     # with PyTorch's default init each conv+GELU shrank the signal ~3x: the posterior's means
     # varied by ~0.002 across images and the latents could not start carrying information
