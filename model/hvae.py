@@ -10,8 +10,9 @@ Shape of the model (see ../shared/design-notes.md and the original ift6266 proje
   conditional prior p(z_l | z_>l, observed) and a posterior q(z_l | z_>l, full, observed), both
   diagonal Gaussians; the sampled z_l is projected back into the decoder state.
 - Output: a discretised logistic (or Gaussian) mixture per pixel over 8-bit values, whose means
-  start from a mask-aware pyramid fill of the observed pixels, so an untrained model already
-  behaves like a smooth classical fill and training only has to learn the residual.
+  start from a classical fill of the observed pixels (push-pull pyramid, or harmonic: Laplace's
+  equation solved from it), so an untrained model fills exactly like that classical fill and
+  training only has to learn the residual.
 - Loss: bits per hole dimension = hole reconstruction NLL + sum of per-layer KL (negative ELBO).
 - A caption embedding (from any text encoder) conditions the top latent group (or every group).
 """
@@ -409,11 +410,11 @@ class PixelMixture(nn.Module):
         self.gaussian = config.pixel_distribution == "gaussian"
         self.head = nn.Conv2d(width, 10 * self.m, 1)
         _fan_in_init(self.head, 1.0)
-        # start with narrow components (scale ~ 10 grey levels) centred exactly on the pyramid
+        # start with narrow components (scale ~ 10 grey levels) centred exactly on the base
         # fill rather than a near-uniform distribution around random means: an untrained model
-        # then fills like the classical push-pull fill, and the first updates are not wasted
-        # undoing a random offset (with default init the offsets were ~0.5, i.e. 60 grey levels)
-        # (the channel coupling starts off too, so the mean is exactly that fill)
+        # then fills like the classical fill, and the first updates are not wasted undoing a
+        # random offset (with default init the offsets were ~0.5, i.e. 60 grey levels); the
+        # channel coupling starts off too, so the mean is exactly that fill
         with torch.no_grad():
             self.head.weight[self.m : 4 * self.m].zero_()
             self.head.bias[self.m : 4 * self.m].zero_()
