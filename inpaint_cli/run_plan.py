@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -126,7 +127,7 @@ class MaskFinder:
     serves every image. `inpaint run` and `inpaint eval` both match masks with it."""
 
     def __init__(
-        self, masks: Path, out: Path | None = None, image_files: frozenset[Path] = frozenset()
+        self, masks: Path, out: Path | None = None, image_files: AbstractSet[Path] = frozenset()
     ) -> None:
         self.single = masks if masks.is_file() else None
         self.by_stem: dict[tuple[str, str], list[Path]] = {}
@@ -211,7 +212,7 @@ def plan(
     warn: Callable[[str], None] | None,
 ) -> list[Item]:
     image_set = set(files)
-    finder = MaskFinder(masks, out, frozenset(image_set))
+    finder = MaskFinder(masks, out, image_set)
     file_captions = read_caption_file(Path(options.caption_file)) if options.caption_file else {}
     items = []
     for path in files:

@@ -543,6 +543,22 @@ class HVAE(nn.Module):
     def _observed(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         return torch.cat([image * (1 - hole), hole], 1)
 
+    def _encode(
+        self, image: torch.Tensor, hole: torch.Tensor, with_full: bool
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+        """Encoder features of the observed image (prior path) and, when `with_full`, of the
+        whole image (posterior path), in one batched pass through the shared encoder."""
+        if not with_full:
+            return self.encoder(self._observed(image, hole)), None
+        batch = image.shape[0]
+        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
+        return {k: v[:batch] for k, v in both.items()}, {k: v[batch:] for k, v in both.items()}
+
+    @staticmethod
+    def _hole_dims(hole: torch.Tensor) -> torch.Tensor:
+        """Scored dimensions per image: hole pixels x 3 channels (at least 1)."""
+        return (hole[:, 0].float().flatten(1).sum(1) * 3).clamp_min(1.0)
+
     def _caption(
         self,
         batch: int,
@@ -613,17 +629,11 @@ class HVAE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Negative ELBO of the hole's pixels, in bits per hole dimension."""
         hole = mask.to(image.dtype)
-        batch = image.shape[0]
-        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
-        observed = {k: v[:batch] for k, v in both.items()}
-        full = {k: v[batch:] for k, v in both.items()}
-        caption = self._caption(batch, caption_embedding, caption_keep, image)
+        observed, full = self._encode(image, hole, with_full=True)
+        caption = self._caption(image.shape[0], caption_embedding, caption_keep, image)
         h, stats = self._decode(observed, full, caption)
-        p = self.pixels.params(h, self.base_fill(image, hole))
-        log_px = self.pixels.log_prob(image, p)  # (B,H,W)
-        hole_px = hole[:, 0].float()
-        dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)  # hole dimensions per image
-        recon = -(log_px * hole_px).flatten(1).sum(1) / (dims * LN2)  # (B,) bits/dim
+        recon = self._hole_recon_bits(image, hole, h)  # (B,)
+        dims = self._hole_dims(hole)
         kl = torch.stack([s["kl"] for s in stats], 1) / (dims[:, None] * LN2)  # (B,L)
         per_image = recon + kl.sum(1)
         kl_layer = kl.mean(0)
@@ -658,10 +668,10 @@ class HVAE(nn.Module):
             return out["per_image_bits_per_dim"]
         k, batch = importance_samples, image.shape[0]
         hole = mask.to(image.dtype)
-        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
+        observed, full = self._encode(image, hole, with_full=True)
         rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731
-        observed = {s: rep(v[:batch]) for s, v in both.items()}
-        full = {s: rep(v[batch:]) for s, v in both.items()}
+        observed = {s: rep(v) for s, v in observed.items()}
+        full = {s: rep(v) for s, v in full.items()}
         caption = self._caption(batch, caption_embedding, caption_keep, image)
         caption = None if caption is None else rep(caption)
         h, stats = self._decode(observed, full, caption)
@@ -671,8 +681,7 @@ class HVAE(nn.Module):
         log_w = log_px - torch.stack([s["log_q_minus_log_p"] for s in stats], 1).sum(1)
         log_w = log_w.reshape(batch, k)
         bound = torch.logsumexp(log_w, 1) - math.log(k)
-        dims = (hole[:, 0].float().flatten(1).sum(1) * 3).clamp_min(1.0)
-        return -bound / (dims * LN2)
+        return -bound / (self._hole_dims(hole) * LN2)
 
     @torch.no_grad()
     def hole_recon_bits_per_dim(
@@ -689,16 +698,18 @@ class HVAE(nn.Module):
         if latents not in ("posterior", "prior"):
             raise ValueError(f"latents must be 'posterior' or 'prior', got {latents!r}")
         hole, batch = mask.to(image.dtype), image.shape[0]
-        both = self.encoder(torch.cat([self._observed(image, hole), torch.cat([image, hole], 1)]))
-        observed = {k: v[:batch] for k, v in both.items()}
-        full = {k: v[batch:] for k, v in both.items()} if latents == "posterior" else None
+        observed, full = self._encode(image, hole, with_full=latents == "posterior")
         caption = self._caption(batch, caption_embedding, None, image)
         noises = self._prior_noise(observed, batch, 1, generator, image.device)
         h, _ = self._decode(observed, full, caption, noises)
+        return self._hole_recon_bits(image, hole, h)
+
+    def _hole_recon_bits(
+        self, image: torch.Tensor, hole: torch.Tensor, h: torch.Tensor
+    ) -> torch.Tensor:
+        """Each image's hole reconstruction NLL in bits/dim, from the decoder's output `h`."""
         log_px = self.pixels.log_prob(image, self.pixels.params(h, self.base_fill(image, hole)))
-        hole_px = hole[:, 0].float()
-        dims = (hole_px.flatten(1).sum(1) * 3).clamp_min(1.0)
-        return -(log_px * hole_px).flatten(1).sum(1) / (dims * LN2)
+        return -(log_px * hole[:, 0].float()).flatten(1).sum(1) / (self._hole_dims(hole) * LN2)
 
     # --- sampling
 
@@ -721,7 +732,7 @@ class HVAE(nn.Module):
         """
         batch, n = image.shape[0], samples
         hole = mask.to(image.dtype)
-        enc = self.encoder(self._observed(image, hole))
+        enc, _ = self._encode(image, hole, with_full=False)
         observed = {s: v.repeat_interleave(n, 0) for s, v in enc.items()}
         caption = self._caption(batch, caption_embedding, caption_keep, image)
         caption = None if caption is None else caption.repeat_interleave(n, 0)
