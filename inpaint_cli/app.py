@@ -121,6 +121,12 @@ def train(
     val_data: str | None = typer.Option(None, help="Validation shards."),
     out: Path = typer.Option(..., help="Run folder (checkpoints, logs, config)."),
     preset: str = typer.Option("small", help="Model preset: tiny, small or base."),
+    model_config: list[str] = typer.Option(
+        [],
+        "--model-config",
+        help="Replace a preset field, KEY=VALUE (JSON value), repeatable: e.g. "
+        "--model-config norm=group --model-config pixel_distribution=gaussian.",
+    ),
     steps: int = typer.Option(10000, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(32, min=1, help="Batch size per process."),
     grad_accum: int = typer.Option(1, min=1, help="Gradient accumulation steps."),
@@ -154,7 +160,7 @@ def train(
     Example: `inpaint train --data 'shards/train-{000000..000009}.tar' --val-data
     'shards/val-000000.tar' --out runs/emoji --preset small --steps 20000 --mixed-precision bf16`
     """
-    from inpaint_cli.train import TrainConfig
+    from inpaint_cli.train import TrainConfig, parse_model_config
     from inpaint_cli.train import train as run_training
 
     config = TrainConfig(
@@ -162,6 +168,7 @@ def train(
         val_data=val_data,
         out=str(out),
         preset=preset,
+        model_config=_call(lambda: parse_model_config(model_config)),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,

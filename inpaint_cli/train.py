@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class TrainConfig:
     captions: bool = True
     caption_dropout: float = 0.1
     condition_all_layers: bool = False  # the caption reaches every latent group, not the top one
+    # model config fields replaced on top of the preset, e.g. {"norm": "group"} (--model-config)
+    model_config: dict[str, Any] = field(default_factory=dict)
     text_encoder: str | None = None
     num_workers: int = 2
     background: str = "white"
@@ -266,20 +268,46 @@ def _validated(config: TrainConfig) -> tuple[list[str], tuple[float, float]]:
     return kinds, hole_area
 
 
+def parse_model_config(items: list[str]) -> dict[str, Any]:
+    """`--model-config KEY=VALUE` items as a dict; a VALUE that is not JSON is taken as a string,
+    so `norm=group` and `widths={"64": 48, ...}` both work."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InpaintError(f"--model-config: {item!r} is not KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        parsed[key.strip()] = value
+    return parsed
+
+
 def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
     from model.hvae import preset_config
 
-    overrides: dict[str, Any] = {"caption_dim": 0, "text_encoder": None}
+    # the text path is decided by --captions and the encoder, not by --model-config
+    reserved = sorted(
+        {"caption_dim", "text_encoder", "condition_all_layers"} & set(config.model_config)
+    )
+    if reserved:
+        raise InpaintError(
+            f"--model-config: {reserved[0]} is set by --captions / --text-encoder / "
+            "--condition-all-layers"
+        )
+    overrides: dict[str, Any] = {**config.model_config, "caption_dim": 0, "text_encoder": None}
     if text_encoder is not None:
-        overrides = {
-            "caption_dim": text_encoder.dim,
-            "text_encoder": text_encoder.identity(),
-            "condition_all_layers": config.condition_all_layers,
-        }
+        overrides.update(
+            caption_dim=text_encoder.dim,
+            text_encoder=text_encoder.identity(),
+            condition_all_layers=config.condition_all_layers,
+        )
     try:
         return preset_config(config.preset, **overrides)
-    except ValueError as error:
-        raise InpaintError(f"--preset: {error}") from None
+    except (ValueError, TypeError, AttributeError) as error:
+        option = "--model-config" if config.model_config else "--preset"
+        raise InpaintError(f"{option}: {error}") from None
 
 
 def _model_config_without_text(config: TrainConfig) -> Any:
@@ -299,6 +327,7 @@ _REPLAY_FIELDS = (
     "hole_area",
     "background",
     "preset",
+    "model_config",
     "captions",
     "caption_dropout",
     "condition_all_layers",
@@ -313,7 +342,14 @@ def _warn_on_changes(
 ) -> None:
     folder, saved = resume_from
     before = saved.get("config") if isinstance(saved.get("config"), dict) else {}
-    changed = [name for name in _REPLAY_FIELDS if before.get(name) != getattr(config, name)]
+    # a field newer than the checkpoint counts as its default
+    defaults = {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+        for f in fields(TrainConfig)
+    }
+    changed = [
+        name for name in _REPLAY_FIELDS if before.get(name, defaults[name]) != getattr(config, name)
+    ]
     if saved.get("world_size") != world:
         changed.append(f"processes ({saved.get('world_size')} -> {world})")
     if changed:

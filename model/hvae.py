@@ -64,7 +64,10 @@ class HVAEConfig:
     def __post_init__(self) -> None:
         # JSON turns int keys into strings; accept both so a round trip is exact
         for name in ("widths", "encoder_blocks", "latent_groups"):
-            setattr(self, name, {int(k): int(v) for k, v in getattr(self, name).items()})
+            table = getattr(self, name)
+            if not isinstance(table, dict):
+                raise ValueError(f"{name} must map resolutions to numbers, got {table!r}")
+            setattr(self, name, {int(k): int(v) for k, v in table.items()})
         self.validate()
 
     @property
