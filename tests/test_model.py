@@ -277,6 +277,22 @@ def test_hole_recon_from_posterior_and_prior_latents(trained) -> None:
         model.hole_recon_bits_per_dim(images, mask, latents="both")
 
 
+def test_batch_norm_trains_on_one_image_and_samples_independently_of_the_batch() -> None:
+    torch.manual_seed(0)
+    model = HVAE(preset_config("tiny", norm="batch"))
+    images, mask = _images(4), _centre_mask(4)
+    # one image: one value per channel at the 1x1 resolution, which plain BatchNorm2d refuses
+    out = model(images[:1], mask[:1])
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    _train(model, 20, lr=3e-3)
+    model.eval()
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    whole = model.inpaint(images, mask, generator=gens)
+    alone = model.inpaint(images[3:], mask[3:], generator=[torch.Generator().manual_seed(3)])
+    torch.testing.assert_close(whole[3], alone[0], atol=1e-5, rtol=0)
+
+
 def test_save_and_load_round_trip(tmp_path, trained) -> None:
     model, images, mask = trained
     model.save_pretrained(tmp_path / "m")
