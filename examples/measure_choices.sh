@@ -5,6 +5,8 @@
 # STEPS and LIMIT (environment) shorten it for a smoke test.
 set -euo pipefail
 shards=$1; out=$2; mkdir -p "$out"
+train_shards=$(ls "$shards"/train-*.tar | paste -sd,)
+val_shards=$(ls "$shards"/val-*.tar | paste -sd,)
 small32=(
   --preset small --model-config norm=none
   --model-config resolution=32
@@ -15,10 +17,10 @@ small32=(
 train() {  # NAME SEED [more --model-config ...]
   local name=$1 seed=$2; shift 2
   [ -f "$out/$name/model/config.json" ] || inpaint train \
-    --data "$(ls "$shards"/train-*.tar | paste -sd,)" --val-data "$(ls "$shards"/val-*.tar | paste -sd,)" \
+    --data "$train_shards" --val-data "$val_shards" \
     --out "$out/$name" "${small32[@]}" "$@" --steps "${STEPS:-600}" --batch-size 32 --lr 1.5e-3 \
     --warmup-steps 50 --val-every "${STEPS:-600}" --val-samples 512 --no-captions --num-workers 1 --seed "$seed"
-  inpaint eval --data "$(ls "$shards"/val-*.tar | paste -sd,)" --model "$out/$name/model" \
+  inpaint eval --data "$val_shards" --model "$out/$name/model" \
     --masks center --samples 4 --limit "${LIMIT:-1024}" --out "$out/eval-$name" > /dev/null
 }
 train logistic-none 0

@@ -305,7 +305,7 @@ def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
         )
     try:
         return preset_config(config.preset, **overrides)
-    except (ValueError, TypeError, AttributeError) as error:
+    except (ValueError, TypeError) as error:
         option = "--model-config" if config.model_config else "--preset"
         raise InpaintError(f"{option}: {error}") from None
 

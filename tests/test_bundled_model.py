@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inpaint_cli.masks import center_mask
 from model.hvae import HVAE, default_model_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -38,8 +39,7 @@ def test_bundled_model_decodes_posterior_latents_better_than_prior_samples(bundl
     size = bundled.config.resolution
     images = _examples(size)
     assert len(images) >= 8
-    mask = torch.zeros(len(images), 1, size, size)
-    mask[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    mask = torch.from_numpy(center_mask(size, size)).float().expand(len(images), 1, -1, -1)
     torch.manual_seed(0)
     posterior = bundled.hole_recon_bits_per_dim(images, mask, latents="posterior")
     prior = torch.stack(

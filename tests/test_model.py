@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from inpaint_cli.masks import center_mask
 from model.hvae import HVAE, HVAEConfig, preset_config, pyramid_fill
 
 
@@ -24,16 +25,13 @@ def _images(n: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     background = torch.rand(n, 3, 1, 1, generator=g) * 1.6 - 0.8
     inner = ((torch.rand(n, 1, 1, 1, generator=g) > 0.5).float() * 1.2 - 0.6).expand(n, 3, 1, 1)
-    images = background.expand(n, 3, size, size).clone()
-    images[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = inner
+    images = torch.where(_centre_mask(n, size) > 0, inner, background.expand(n, 3, size, size))
     # quantise to the 8-bit grid the likelihood is defined on
     return ((images + 1) * 127.5).round() / 127.5 - 1
 
 
 def _centre_mask(n: int, size: int = 16) -> torch.Tensor:
-    mask = torch.zeros(n, 1, size, size)
-    mask[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    return mask
+    return torch.from_numpy(center_mask(size, size)).float().expand(n, 1, size, size).clone()
 
 
 def _train(
