@@ -27,16 +27,23 @@ GRID_SEED = 0
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log, skipping a line cut short by a killed process."""
+    """Records of a JSONL log, skipping a line cut short by a killed process.
+
+    A resumed run starts again from its last checkpoint, so what a killed process logged after
+    that checkpoint is superseded: a step at or before the last one read drops those records,
+    and the curves show the run that survived rather than a zigzag.
+    """
     if not path.exists():
         return []
-    records = []
+    records: list[dict[str, Any]] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
+            while records and records[-1]["step"] >= record["step"]:
+                records.pop()
             records.append(record)
     return records
 

@@ -73,6 +73,19 @@ def test_logs_cut_by_a_kill_are_read_up_to_the_cut(tmp_path):
     assert read_jsonl(path) == [{"step": 1, "loss": 2.0}]
 
 
+def test_records_a_resumed_run_superseded_are_dropped(tmp_path):
+    # killed after step 30 with its last checkpoint at step 20: the resumed run logs 30 again
+    path = tmp_path / "train.jsonl"
+    logged = [(10, 5.0), (20, 4.0), (30, 9.0), (40, 9.5), (30, 3.5), (40, 3.0)]
+    path.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in logged))
+    assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [
+        (10, 5.0),
+        (20, 4.0),
+        (30, 3.5),
+        (40, 3.0),
+    ]
+
+
 def test_layer_labels_follow_the_top_down_order():
     config = {"latent_groups": {"8": 1, "1": 1, "4": 2}}
     assert layer_labels(config, 4) == ["1x1 #1", "4x4 #1", "4x4 #2", "8x8 #1"]
