@@ -202,7 +202,12 @@ def run(
     out: Path = typer.Option(..., help="Output folder."),
     model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
     samples: int = typer.Option(1, min=1, help="Completions per image."),
-    temperature: float = typer.Option(0.8, min=0.0, help="Prior temperature."),
+    temperature: float | None = typer.Option(
+        None,
+        min=0.0,
+        help="Prior temperature. Default: 0 for one fill (closest on average), 0.8 for several.",
+        show_default=False,
+    ),
     seed: int = typer.Option(0, help="Random seed."),
     batch_size: int = typer.Option(16, min=1, help="Windows per model call."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -264,8 +269,9 @@ def evaluate(
     masks: str = typer.Option("center", help="center, box, stroke or a mask folder."),
     samples: int = typer.Option(8, min=1, help="Samples per image (K)."),
     temperature: float = typer.Option(
-        0.8, min=0.0, help="Prior temperature of the samples (0.8: as `inpaint run`)."
+        0.8, min=0.0, help="Prior temperature of the K samples (the T=0 fill is always scored)."
     ),
+    hole_area: str = typer.Option("0.1-0.5", help="Hole area range for box and stroke masks."),
     baselines: bool = typer.Option(False, help="Also score classical fills."),
     caption_ablation: bool = typer.Option(
         False, help="Hole NLL with true/empty/shuffled captions."
@@ -284,13 +290,16 @@ def evaluate(
     """
     from inpaint_cli.evaluate import EvalOptions, print_summary
     from inpaint_cli.evaluate import evaluate as run_eval
+    from inpaint_cli.masks import parse_hole_area
 
+    area = _call(lambda: parse_hole_area(hole_area))
     options = EvalOptions(
         data=data,
         model=model,
         masks=masks,
         samples=samples,
         temperature=temperature,
+        hole_area=area,
         baselines=baselines,
         caption_ablation=caption_ablation,
         out=out,

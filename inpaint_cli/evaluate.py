@@ -1,7 +1,8 @@
 """`inpaint eval`: score a model's fills of the hole against the truth and against classical fills.
 
-Two passes over the data: the first scores the model (hole NLL bounds, PSNR/SSIM/L1 of one
-sample, of the mean of K samples and of the best of K, diversity) and the baselines; the second,
+Two passes over the data: the first scores the model (hole NLL bounds, PSNR/SSIM/L1 of the
+temperature-0 fill that `inpaint run` writes by default, of one sample, of the mean of K samples
+and of the best of K, diversity) and the baselines; the second,
 only with `caption_ablation`, rescores the hole NLL with true, empty and shuffled captions (the
 shuffle needs every caption first). Each image's samples come from its own generator seeded
 from (seed, key), so results do not depend on the batch size or on the other images.
@@ -22,6 +23,7 @@ import numpy as np
 
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.masks import MASK_KINDS, stable_seed
+from inpaint_cli.run_plan import ONE_FILL_TEMPERATURE, SAMPLES_TEMPERATURE
 
 # A fill that reproduces the hole exactly has infinite PSNR; capped so that means stay finite.
 PSNR_CAP_DB = 100.0
@@ -30,6 +32,8 @@ METRIC_LABELS = {"psnr": "hole PSNR (dB)", "ssim": "hole SSIM", "l1": "hole L1"}
 # Higher is better for PSNR and SSIM, lower for L1: used to pick the best of K samples.
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False}
 MODEL_ONE = "model, 1 sample"
+# What `inpaint run` writes for one fill by default: the prior's mean latents, no noise.
+MODEL_ONE_FILL = f"model, fill at T={ONE_FILL_TEMPERATURE:g}"
 SHOWN_SAMPLES = 4
 BOUNDS_NOTE = (
     "Both hole NLL figures are upper bounds on the true negative log-likelihood: the negative "
@@ -53,7 +57,8 @@ class EvalOptions:
     seed: int = 0
     device: str = "auto"
     text_encoder: str | None = None
-    temperature: float = 0.8  # what `inpaint run` uses by default; NLL does not depend on it
+    # of the K samples, as `inpaint run --samples K` draws them; NLL does not depend on it
+    temperature: float = SAMPLES_TEMPERATURE
     hole_area: tuple[float, float] = (0.1, 0.5)
     example_rows: int = 6
     bootstrap_resamples: int = 10_000
@@ -88,6 +93,7 @@ class _Scores:
     """Per-image scores, appended in the same image order for every method (paired)."""
 
     keys: list[str] = field(default_factory=list)
+    hole_fraction: list[float] = field(default_factory=list)
     nll_elbo: list[float] = field(default_factory=list)
     nll_iwae: list[float] = field(default_factory=list)
     diversity: list[float] = field(default_factory=list)
@@ -538,12 +544,21 @@ def _score_batch(
     samples = model.inpaint(
         images, masks, embedding, samples=k, temperature=options.temperature, generator=generators
     )
+    if options.temperature == ONE_FILL_TEMPERATURE:
+        one_fill = samples[:, 0]
+    else:
+        one_fill = model.inpaint(
+            images, masks, embedding, samples=1, temperature=ONE_FILL_TEMPERATURE
+        )[:, 0]
+    one_fill_uint8 = _to_uint8(one_fill)
     samples_uint8 = _to_uint8(samples)  # (B, K, R, R, 3)
     means_uint8 = _to_uint8(samples.float().mean(1))  # (B, R, R, 3)
     spread = (samples.float().std(1, unbiased=False) * 127.5).mean(1) if k > 1 else None
     for index, item in enumerate(batch):
         scores.keys.append(item.key)
+        scores.hole_fraction.append(float(item.mask.mean()))
         sample_scores = [score_fill(s, item.image, item.mask) for s in samples_uint8[index]]
+        scores.add(MODEL_ONE_FILL, score_fill(one_fill_uint8[index], item.image, item.mask))
         scores.add(MODEL_ONE, sample_scores[0])
         if k > 1:
             mean_scores = score_fill(means_uint8[index], item.image, item.mask)
@@ -604,7 +619,7 @@ def _summarise(scores: _Scores, options: EvalOptions) -> dict[str, Any]:
         for name, table in scores.methods.items()
     }
     comparisons = []
-    model_rows = [MODEL_ONE, f"model, mean of {k}"] if k > 1 else [MODEL_ONE]
+    model_rows = [MODEL_ONE_FILL, MODEL_ONE] + ([f"model, mean of {k}"] if k > 1 else [])
     if options.baselines:
         from inpaint_cli.baselines import BASELINES
 
@@ -637,6 +652,7 @@ def _summarise(scores: _Scores, options: EvalOptions) -> dict[str, Any]:
         # Per-image figures in image order, so any other comparison can be recomputed.
         "per_image": {
             "keys": scores.keys,
+            "hole_fraction": scores.hole_fraction,
             "negative_elbo_bits_per_dim": scores.nll_elbo,
             "iwae_bits_per_dim": scores.nll_iwae or None,
             "diversity": scores.diversity,
@@ -784,11 +800,13 @@ def report_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[lis
 
 
 def _preamble(result: dict[str, Any]) -> list[str]:
+    low_high = result.get("hole_area")
+    area = f" (hole area {low_high[0]:g}-{low_high[1]:g})" if low_high else ""
     return [
         f"Model: {result['model']}",
         f"Data: {result['data']} ({result['images']} images at {result['resolution']} px, "
         f"{result['skipped']} skipped)",
-        f"Masks: {result['masks']}; samples per image: {result['samples']} at temperature "
+        f"Masks: {result['masks']}{area}; samples per image: {result['samples']} at temperature "
         f"{result['temperature']}; seed {result['seed']}",
         BOUNDS_NOTE,
         f"PSNR per image is capped at {PSNR_CAP_DB:.0f} dB (an exact fill); SSIM is the map of "
@@ -1016,6 +1034,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "skipped": source.skipped() + empty_holes,
             "resolution": resolution,
             "masks": options.masks,
+            "hole_area": list(options.hole_area) if options.masks in ("box", "stroke") else None,
             "samples": options.samples,
             "temperature": options.temperature,
             "seed": options.seed,

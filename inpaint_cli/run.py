@@ -63,7 +63,7 @@ class RunOptions:
     out: Path
     model: Path | None = None
     samples: int = 1
-    temperature: float = 0.8
+    temperature: float | None = None  # None: run_plan.default_temperature(samples)
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
@@ -81,6 +81,10 @@ class RunOptions:
     num_workers: int = 2
     # Local text encoder folder, for caption models trained with another than the default.
     text_encoder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature is None:
+            self.temperature = run_plan.default_temperature(self.samples)
 
 
 class _Log:

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
     from inpaint_cli.run import RunOptions
 
 MANIFEST_NAME = "manifest.jsonl"
+# One fill per image: the prior's mean latents (temperature 0) scored 0.9 dB better hole PSNR
+# than 0.8 on validation (MODEL_CARD.md, "Temperature"). Several fills: 0.8 keeps them varied
+# and still plausible; at 0 they would all be the same picture.
+ONE_FILL_TEMPERATURE = 0.0
+SAMPLES_TEMPERATURE = 0.8
+
+
+def default_temperature(samples: int) -> float:
+    """The prior temperature `inpaint run` uses when none is given."""
+    return ONE_FILL_TEMPERATURE if samples == 1 else SAMPLES_TEMPERATURE
+
+
 # Temporary files of images.atomic_write_bytes (".<name>.<8 hex>.tmp"), left by a killed run.
 TEMP_NAME_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 

@@ -170,6 +170,7 @@ def test_eval_writes_a_complete_report(
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["methods"] == result["methods"]
     assert set(saved["methods"]) == {
+        "model, fill at T=0",
         "model, 1 sample",
         "model, mean of 3",
         "model, best of 3",
@@ -186,8 +187,9 @@ def test_eval_writes_a_complete_report(
     assert nll["negative_elbo_bits_per_dim"] > 0 and nll["iwae_bits_per_dim"] > 0
     assert "upper bound" in nll["note"]
     assert saved["diversity"] > 0
-    # Two model rows (one sample, mean of K) against each baseline, each metric with an interval.
-    assert len(saved["comparisons"]) == 2 * len(BASELINES)
+    # Three model rows (the T=0 fill, one sample, mean of K) against each baseline, each metric
+    # with an interval.
+    assert len(saved["comparisons"]) == 3 * len(BASELINES)
     for row in saved["comparisons"]:
         for metric in ("psnr", "ssim", "l1"):
             interval = row[metric]
@@ -213,6 +215,19 @@ def test_sample_scores_do_not_depend_on_the_batch_size(
     for method, scores in first["methods"].items():
         assert scores == pytest.approx(second["methods"][method], rel=1e-3), method
     assert first["diversity"] == pytest.approx(second["diversity"], rel=1e-3)
+
+
+def test_the_temperature_0_fill_does_not_depend_on_the_seed_and_samples_do(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    first = evaluate(_options(image_folder, tiny_model, tmp_path / "a", seed=0))
+    second = evaluate(_options(image_folder, tiny_model, tmp_path / "b", seed=1))
+    one_fill = "model, fill at T=0"
+    assert first["per_image"]["methods"][one_fill] == second["per_image"]["methods"][one_fill]
+    samples = "model, 1 sample"
+    assert first["per_image"]["methods"][samples] != second["per_image"]["methods"][samples]
+    # at T=0 every sample would be that fill: the samples here were drawn at T=0.8
+    assert first["methods"][samples]["psnr"] != first["methods"][one_fill]["psnr"]
 
 
 def test_mask_folder_is_matched_by_stem_and_missing_masks_are_skipped(
@@ -328,6 +343,16 @@ def test_eval_command_prints_the_summary(
     bad = runner.invoke(app, [*args, "--masks", "nonsense", "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2
     assert "error: nonsense" in bad.output and "Traceback" not in bad.output
+    box = [*args, "--masks", "box", "--hole-area", "0.6-0.7", "--limit", "2"]
+    wide = runner.invoke(app, [*box, "--out", str(tmp_path / "w")])
+    assert wide.exit_code == 0, wide.output
+    holes = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert holes["hole_area"] == [0.6, 0.7] and "hole area 0.6-0.7" in wide.output
+    assert all(0.6 * 0.99 <= f <= 0.7 for f in holes["per_image"]["hole_fraction"])
+    area = runner.invoke(app, [*args, "--hole-area", "0.6-2", "--out", str(tmp_path / "a")])
+    assert area.exit_code == 2 and area.output.strip().splitlines() == [
+        "error: --hole-area 0.6-2: expected a range like 0.1-0.5 with 0 < low <= high <= 1"
+    ]
 
 
 def test_mask_folder_joins_several_named_masks_like_inpaint_run(tmp_path: Path) -> None:
@@ -369,7 +394,7 @@ def test_one_sample_reports_no_mean_best_diversity_or_iwae(
     tiny_model: Path, image_folder: Path, tmp_path: Path
 ) -> None:
     result = evaluate(_options(image_folder, tiny_model, tmp_path / "r", samples=1, limit=2))
-    assert list(result["methods"]) == ["model, 1 sample"]
+    assert list(result["methods"]) == ["model, fill at T=0", "model, 1 sample"]
     assert result["diversity"] is None and result["nll"]["iwae_bits_per_dim"] is None
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["images"] == 2 and saved["nll"]["negative_elbo_bits_per_dim"] > 0

@@ -194,6 +194,20 @@ def test_same_seed_same_bytes_and_batch_size_tolerance(mixed: dict, tiny_model: 
     assert changed <= 0.001 * total
 
 
+def test_one_fill_defaults_to_temperature_0_and_several_to_0_8(mixed, tiny_model, tmp_path):
+    def run(out: str, seed: int, **changes: object) -> dict:
+        options = RunOptions(images=mixed["images"], masks=mixed["masks"], out=tmp_path / out,
+                             model=tiny_model, seed=seed, num_workers=0, **changes)  # fmt: skip
+        run_folder(options)
+        return _pngs(tmp_path / out)
+
+    assert RunOptions(Path("i"), Path("m"), Path("o")).temperature == 0.0
+    assert RunOptions(Path("i"), Path("m"), Path("o"), samples=3).temperature == 0.8
+    # one fill at T=0 draws no noise: the seed does not matter; with noise it does
+    assert run("a", seed=1) == run("b", seed=2)
+    assert run("c", seed=1, temperature=0.8) != run("d", seed=2, temperature=0.8)
+
+
 def test_dry_run_writes_nothing(mixed: dict, tiny_model: Path, tmp_path: Path):
     out = tmp_path / "out"
     result = invoke(*base_args(mixed, tiny_model, out), "--dry-run", "--json")
