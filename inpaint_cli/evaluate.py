@@ -684,6 +684,7 @@ def _caption_ablation(
     same_after_shuffle = sum(labels[i] == labels[order[i]] for i in range(len(labels)))
     k = options.samples
     results: dict[str, list[float]] = {"true": [], "empty": [], "shuffled": []}
+    keys, captions = [], []
     task = progress.add_task("caption ablation", total=len(captioned))
     wanted = (item for item in source.items() if item.key in shuffled)
     for batch in _batches(wanted, options.batch_size):
@@ -693,6 +694,8 @@ def _caption_ablation(
         )
         other = [shuffled[item.key] for item in batch]
         swapped = embedder.embed([c for c, _ in other], [e for _, e in other])
+        keys += [item.key for item in batch]
+        captions += [item.caption for item in batch]
         seed = stable_seed(options.seed, "ablation", batch[0].key)
         results["true"].extend(_seeded_nll(model, images, masks, true, k, seed).tolist())
         results["empty"].extend(_seeded_nll(model, images, masks, None, k, seed).tolist())
@@ -719,6 +722,8 @@ def _caption_ablation(
         "shuffled_minus_empty": gap("shuffled", "empty"),
         "shuffled_minus_true": gap("shuffled", "true"),
         "shuffled_with_same_caption": int(same_after_shuffle),
+        # per image, so the effect of captions can be sliced by caption or concept
+        "per_image": {"keys": keys, "captions": captions, **results},
     }
 
 

@@ -290,6 +290,10 @@ def test_caption_ablation_scores_true_empty_and_shuffled_captions(
         ablation["empty_bits_per_dim"] - ablation["empty_minus_true"]["mean"]
     )
     assert "Caption ablation" in (tmp_path / "r" / "metrics.md").read_text()
+    per_image = ablation["per_image"]
+    assert len(per_image["keys"]) == len(per_image["captions"]) == 5
+    assert all(per_image["captions"]) and set(per_image["keys"]) <= set(result["per_image"]["keys"])
+    assert np.mean(per_image["true"]) == pytest.approx(ablation["true_bits_per_dim"])
 
 
 def test_caption_ablation_refuses_another_text_encoder(
