@@ -5,7 +5,7 @@
 set -euo pipefail
 
 DATA=${DATA:-/work/data}
-PYTHON=${PYTHON:-/work/venv/bin/python}
+PYTHON=${PYTHON:-python3}  # the active environment, where inpaint is installed
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 NPM_PACKAGES=(

@@ -10,18 +10,33 @@ val_shards=$(ls "$shards"/val-*.tar | paste -sd,)
 test_shards=$(ls "$shards"/test-*.tar | paste -sd,)
 score() {  # NAME, then inpaint eval options; the summary goes to NAME.txt
   local name=$1; shift
+  # a finished evaluation is kept, so a killed or partial rerun only does what is missing
+  [[ -f "$out/$name/metrics.json" ]] && return
   inpaint eval --model "$model" --out "$out/$name" "$@" > "$out/$name.txt"
 }
 
 # Selection on validation only: the temperature of the samples (every report also scores the
 # temperature-0 fill, the default of `inpaint run`).
-for t in 0.5 0.8 1.0; do
+temperatures="0.5 0.8 1.0"
+for t in $temperatures; do
   score "val_temperature_$t" --data "$val_shards" --masks center --samples 4 --limit 256 \
     --temperature "$t"
 done
+best_t=$(python - "$out" $temperatures <<'PY'
+import json, sys
+out, temperatures = sys.argv[1], sys.argv[2:]
+def mean_of_samples(t):
+    methods = json.load(open(f"{out}/val_temperature_{t}/metrics.json"))["methods"]
+    return methods["model, mean of 4"]["psnr"]
+print(max(temperatures, key=mean_of_samples))
+PY
+)
+echo "samples are drawn at temperature $best_t (best mean of 4 on validation)"
 
 # Test concepts (never trained on or selected with) and held-out photographs.
-score eval_center --data "$test_shards" --masks center --samples 8 --baselines \
-  --caption-ablation --limit 600
-score eval_photos --data "$photos" --masks center --samples 8 --baselines
-score eval_stroke --data "$test_shards" --masks stroke --samples 8 --baselines --limit 300
+score eval_center --data "$test_shards" --masks center --samples 8 --temperature "$best_t" \
+  --baselines --caption-ablation --limit 600
+score eval_photos --data "$photos" --masks center --samples 8 --temperature "$best_t" \
+  --baselines
+score eval_stroke --data "$test_shards" --masks stroke --samples 8 --temperature "$best_t" \
+  --baselines --limit 300
