@@ -7,7 +7,7 @@ For each image size (64 and 512 by default) it writes N synthetic images with on
 - OpenCV Telea on the same images and masks, in memory (one core),
 and finally the peak RSS of `inpaint run` on 500 vs 5,000 64x64 images (memory must stay flat).
 
-Run: /work/venv/bin/python benchmarks/bench_run.py [--model DIR] [--count 200]
+Run: python benchmarks/bench_run.py [--model DIR] [--count 200]
      [--sizes 64,512] [--rss-counts 500,5000] [--batch-size 16] [--num-workers 2]
 Without --model (and without a bundled model) a fresh `small` preset is used: speed does not
 depend on the weights.

@@ -1,6 +1,6 @@
 """Start-up: wall time of `inpaint --help`, against a bare Python start, and what it imports.
 
-Run: /work/venv/bin/python benchmarks/bench_startup.py [--repeats 10]
+Run: python benchmarks/bench_startup.py [--repeats 10]
 """
 
 from __future__ import annotations

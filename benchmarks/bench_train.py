@@ -12,7 +12,7 @@ counted, so the utilisation is a lower bound on how busy the cores are). Variant
 - compile: `torch.compile(model)` (inductor), only with `--variants ...,compile`: compiling
   takes minutes on a small CPU; the compile time is printed apart and not in images/s.
 
-Run: /work/venv/bin/python benchmarks/bench_train.py [--presets tiny,small,base]
+Run: python benchmarks/bench_train.py [--presets tiny,small,base]
      [--batch-size 16] [--steps 3] [--variants fp32,channels_last,bf16] [--data SHARDS]
      [--num-workers 2] [--threads N]
 Without --data, 256 synthetic 64x64 images are packed into temporary shards.

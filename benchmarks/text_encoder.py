@@ -1,6 +1,6 @@
 """Caption embedding throughput of the default text encoder (captions/s at batch 64).
 
-Run: /work/venv/bin/python benchmarks/text_encoder.py [--batches 8] [--threads N]
+Run: python benchmarks/text_encoder.py [--batches 8] [--threads N]
 Every caption is unique, so each one runs the model (cache misses); cache-hit speed is printed too.
 """
 

@@ -4,7 +4,8 @@
 # Usage: examples/emoji/build.sh [extra build_dataset.py options]
 set -euo pipefail
 
-DATA=${DATA:-/work/data}
+DATA=${DATA:-data}  # relative to where it runs; the repository ignores /data/
+mkdir -p "$DATA" && DATA=$(cd "$DATA" && pwd)  # absolute: node and apt-get run elsewhere
 PYTHON=${PYTHON:-python3}  # the active environment, where inpaint is installed
 HERE=$(cd "$(dirname "$0")" && pwd)
 

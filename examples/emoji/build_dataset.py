@@ -772,9 +772,9 @@ def check_not_reserved(*paths: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--npm", type=Path, default=Path("/work/data/npm/node_modules"))
-    parser.add_argument("--deb", type=Path, default=Path("/work/data/deb"))
-    parser.add_argument("--out", type=Path, default=Path("/work/data/emoji_src"))
+    parser.add_argument("--npm", type=Path, default=Path("data/npm/node_modules"))
+    parser.add_argument("--deb", type=Path, default=Path("data/deb"))
+    parser.add_argument("--out", type=Path, default=Path("data/emoji_src"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--colour-copies", type=int, default=2, help="Copies on flat colours.")
     parser.add_argument("--fashion-per-class", type=int, default=1000)

@@ -62,9 +62,9 @@ def emoji_sprite(npm: Path, style: str, key: str, size: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, default=Path("/work/data/emoji_src"))
-    parser.add_argument("--npm", type=Path, default=Path("/work/data/npm/node_modules"))
-    parser.add_argument("--deb", type=Path, default=Path("/work/data/deb"))
+    parser.add_argument("--src", type=Path, default=Path("data/emoji_src"))
+    parser.add_argument("--npm", type=Path, default=Path("data/npm/node_modules"))
+    parser.add_argument("--deb", type=Path, default=Path("data/deb"))
     parser.add_argument("--out", type=Path, default=REPO / "examples")
     args = parser.parse_args(argv)
 
