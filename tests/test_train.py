@@ -394,20 +394,20 @@ def _train_in_child(config: TrainConfig, kill_before_publish_at: int | None = No
 
 
 @pytest.fixture(scope="module")
-def warm(shards: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """One short run in this process first: train() imports much lazily (accelerate, dynamo via
-    the optimizer, webdataset), and forked children then start without paying for it again."""
-    train(tiny(shards, tmp_path_factory.mktemp("warm") / "run", steps=1))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def fork_server() -> None:
+    """The fork server starts with the first child and imports the heavy modules once, so each
+    child starts in about a second. A fork server, not a plain fork: forking this pytest
+    process copies whatever threads earlier tests left (OpenMP pools, data-loader and writer
+    threads) with their locks held, and the child then hung now and then."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        ["inpaint_cli.train", "inpaint_cli.data", "model.hvae", "accelerate", "webdataset"]
+    )
 
 
 def _fork(target, *args) -> multiprocessing.Process:
-    # fork: the child starts with everything imported, so each start takes about a second;
-    # the kill is a real SIGKILL of a real process.
-    process = multiprocessing.get_context("fork").Process(target=target, args=args)
+    # the kill is a real SIGKILL of a real process
+    process = multiprocessing.get_context("forkserver").Process(target=target, args=args)
     process.start()
     return process
 
