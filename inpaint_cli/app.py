@@ -148,6 +148,12 @@ def train(
     condition_all_layers: bool = typer.Option(
         False, help="Condition every latent group on the caption, not only the top one."
     ),
+    fill_loss: float = typer.Option(
+        0.0,
+        min=0.0,
+        help="Add this weight times the hole's squared error of the T=0 fill (what `inpaint "
+        "run` writes) to the loss; costs one more decoder pass per step.",
+    ),
     text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
     num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
     background: str = typer.Option("white", help="Alpha background: white or random."),
@@ -186,6 +192,7 @@ def train(
         captions=captions,
         caption_dropout=caption_dropout,
         condition_all_layers=condition_all_layers,
+        fill_loss=fill_loss,
         text_encoder=text_encoder,
         num_workers=num_workers,
         background=background,

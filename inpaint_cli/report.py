@@ -82,12 +82,21 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 def plot_loss(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, layout="constrained")
+    # runs from before validation scored the fill have no such records: two panels, not three
+    fill_steps, fill_values = _series(val, "fill_psnr_db")
+    rows = 3 if fill_steps else 2
+    figure, axes = plt.subplots(rows, 1, figsize=(8, 3.5 * rows), sharex=True, layout="constrained")
+    top, bottom = axes[0], axes[-1]
     steps, values = _series(train, "nll_bits_per_dim")
     top.plot(steps, values, label="train NLL (negative ELBO)", color="tab:blue", lw=1)
     steps, values = _series(train, "loss")
     top.plot(
-        steps, values, label="train loss (KL warm-up weighted)", color="tab:blue", lw=0.8, ls=":"
+        steps,
+        values,
+        label="train loss (as optimised: KL warm-up, fill loss)",
+        color="tab:blue",
+        lw=0.8,
+        ls=":",
     )
     steps, values = _series(val, "nll_bits_per_dim")
     top.plot(steps, values, "o-", label="validation NLL (EMA)", color="tab:red", ms=3)
@@ -95,6 +104,12 @@ def plot_loss(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path
     top.set_title("Loss: train vs validation")
     top.legend()
     top.grid(alpha=0.3)
+
+    if fill_steps:
+        axes[1].plot(fill_steps, fill_values, "o-", color="tab:purple", ms=3)
+        axes[1].set_ylabel("dB")
+        axes[1].set_title("Validation: hole PSNR of the T=0 fill `inpaint run` writes (EMA)")
+        axes[1].grid(alpha=0.3)
 
     steps, values = _series(train, "grad_norm")
     bottom.plot(steps, values, label="gradient norm", color="tab:green", lw=1)

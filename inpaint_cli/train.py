@@ -68,6 +68,8 @@ class TrainConfig:
     captions: bool = True
     caption_dropout: float = 0.1
     condition_all_layers: bool = False  # the caption reaches every latent group, not the top one
+    # weight of the squared error of the T=0 fill (what `inpaint run` writes) added to the ELBO
+    fill_loss: float = 0.0
     # model config fields replaced on top of the preset, e.g. {"norm": "group"} (--model-config)
     model_config: dict[str, Any] = field(default_factory=dict)
     text_encoder: str | None = None
@@ -256,6 +258,8 @@ def _validated(config: TrainConfig) -> tuple[list[str], tuple[float, float]]:
             raise InpaintError(f"{name}: must be at least 1")
     if not 0.0 <= config.caption_dropout <= 1.0:
         raise InpaintError("--caption-dropout: must be between 0 and 1")
+    if not (config.fill_loss >= 0 and math.isfinite(config.fill_loss)):
+        raise InpaintError("--fill-loss: must be a number >= 0")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise InpaintError("--lr: must be a positive number")
     if config.warmup_steps < 0 or config.checkpoint_minutes < 0 or config.num_workers < 0:
@@ -331,6 +335,7 @@ _REPLAY_FIELDS = (
     "captions",
     "caption_dropout",
     "condition_all_layers",
+    "fill_loss",
     "steps",
     "lr",
     "warmup_steps",
@@ -542,7 +547,8 @@ def validate(
     """EMA model on the first `val_samples` validation images, masks fixed per sample key.
 
     The model's posterior noise comes from a fixed seed in a forked RNG, so validation is
-    comparable across steps and does not shift the training random stream.
+    comparable across steps and does not shift the training random stream. `fill_psnr_db` is
+    the mean hole PSNR of the T=0 fill, the one `inpaint run` writes (before rounding to 8 bits).
     """
     from inpaint_cli.data import eval_loader, expand_urls
 
@@ -561,7 +567,7 @@ def validate(
         background=config.background,
     )
     layers = ema.num_latent_layers
-    sums = torch.zeros(3 + layers, dtype=torch.float64, device=accelerator.device)
+    sums = torch.zeros(4 + layers, dtype=torch.float64, device=accelerator.device)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     ema.eval()
     with torch.random.fork_rng(devices=devices):
@@ -578,11 +584,14 @@ def validate(
                 batch, text_encoder, 0.0, torch.Generator(), accelerator.device
             )
             with accelerator.autocast():
-                out = ema(image, mask, embedding, keep)
+                out = ema(image, mask, embedding, keep, score_fill=True)
+            # pixels span 2 in [-1, 1]; capped at 100 dB like `inpaint eval`
+            psnr = 10 * torch.log10(4.0 / out["fill_mse"].double().clamp_min(4e-10))
             sums[0] += take
             sums[1] += out["per_image_bits_per_dim"].double().sum()
             sums[2] += out["recon_bits_per_dim"].double() * take
-            sums[3:] += out["kl_bits_per_dim"].double() * take
+            sums[3] += psnr.sum()
+            sums[4:] += out["kl_bits_per_dim"].double() * take
             count += take
     sums = accelerator.reduce(sums, reduction="sum")
     total = int(sums[0].item())
@@ -592,7 +601,8 @@ def validate(
         "samples": total,
         "nll_bits_per_dim": (sums[1] / total).item(),
         "recon_bits_per_dim": (sums[2] / total).item(),
-        "kl_bits_per_dim": (sums[3:] / total).tolist(),
+        "fill_psnr_db": (sums[3] / total).item(),
+        "kl_bits_per_dim": (sums[4:] / total).tolist(),
     }
 
 
@@ -898,7 +908,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                 )
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
-                    out = model(image, mask, embedding, keep, kl_weights)
+                    out = model(
+                        image, mask, embedding, keep, kl_weights, fill_weight=config.fill_loss
+                    )
                     accelerator.backward(out["loss"] / config.grad_accum)
                 sums[0] += out["loss"].detach().double()
                 sums[1] += out["nll_bits_per_dim"].detach().double()

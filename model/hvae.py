@@ -368,6 +368,8 @@ class LatentGroup(nn.Module):
                 .flatten(1)
                 .sum(1)
             )
+        elif temperature == 0.0:  # the prior's mean; draws nothing from the random stream
+            z = mu_p
         else:  # inference: sample from the conditional prior
             eps = torch.randn_like(mu_p) if noise is None else noise.to(mu_p.dtype)
             z = mu_p + torch.exp(logs_p) * eps * temperature
@@ -644,13 +646,23 @@ class HVAE(nn.Module):
         caption_keep: torch.Tensor | None = None,
         kl_weights: torch.Tensor | list[float] | None = None,
         free_bits: float = 0.0,
+        fill_weight: float = 0.0,
+        score_fill: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Negative ELBO of the hole's pixels, in bits per hole dimension."""
+        """Negative ELBO of the hole's pixels, in bits per hole dimension.
+
+        `fill_weight` > 0 adds that multiple of the hole's mean squared error (pixels in
+        [-1, 1]) of the fill `inpaint run` writes: prior-mean latents, the mixture's mean colour.
+        The ELBO never trains that path directly, and likelihood kept improving while its PSNR
+        stood still. `score_fill` reports the error (`fill_mse`, per image) without training on
+        it; either costs one more decoder pass.
+        """
         hole = mask.to(image.dtype)
         observed, full = self._encode(image, hole, with_full=True)
         caption = self._caption(image.shape[0], caption_embedding, caption_keep, image)
         h, stats = self._decode(observed, full, caption)
-        recon = self._hole_recon_bits(image, hole, h)  # (B,)
+        base = self.base_fill(image, hole)
+        recon = self._hole_recon_bits(image, hole, h, base)  # (B,)
         dims = self._hole_dims(hole)
         kl = torch.stack([s["kl"] for s in stats], 1) / (dims[:, None] * LN2)  # (B,L)
         per_image = recon + kl.sum(1)
@@ -662,13 +674,21 @@ class HVAE(nn.Module):
         )
         penalised = kl_layer.clamp_min(free_bits) if free_bits > 0 else kl_layer
         loss = recon.mean() + (weights * penalised).sum()
-        return {
-            "loss": loss,
+        result = {
             "nll_bits_per_dim": per_image.mean(),
             "recon_bits_per_dim": recon.mean(),
             "kl_bits_per_dim": kl_layer,
             "per_image_bits_per_dim": per_image,
         }
+        if fill_weight > 0 or score_fill:
+            prior_h, _ = self._decode(observed, None, caption, temperature=0.0)
+            fill = self.pixels.mean(self.pixels.params(prior_h, base))
+            squared = (fill - image.float()) ** 2 * hole.float()
+            result["fill_mse"] = squared.flatten(1).sum(1) / dims
+            if fill_weight > 0:
+                loss = loss + fill_weight * result["fill_mse"].mean()
+        result["loss"] = loss
+        return result
 
     @torch.no_grad()
     def hole_nll_bits_per_dim(
@@ -723,10 +743,15 @@ class HVAE(nn.Module):
         return self._hole_recon_bits(image, hole, h)
 
     def _hole_recon_bits(
-        self, image: torch.Tensor, hole: torch.Tensor, h: torch.Tensor
+        self,
+        image: torch.Tensor,
+        hole: torch.Tensor,
+        h: torch.Tensor,
+        base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each image's hole reconstruction NLL in bits/dim, from the decoder's output `h`."""
-        log_px = self.pixels.log_prob(image, self.pixels.params(h, self.base_fill(image, hole)))
+        base = self.base_fill(image, hole) if base is None else base
+        log_px = self.pixels.log_prob(image, self.pixels.params(h, base))
         return -(log_px * hole[:, 0].float()).flatten(1).sum(1) / (self._hole_dims(hole) * LN2)
 
     # --- sampling

@@ -39,6 +39,25 @@ def test_report_writes_loss_kl_and_sample_plots(run_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temps
 
 
+def test_loss_plot_gains_a_fill_psnr_panel_when_validation_scored_the_fill(run_dir, tmp_path):
+    import shutil
+
+    assert all("fill_psnr_db" in record for record in read_jsonl(run_dir / "val.jsonl"))
+    older = tmp_path / "older-run"  # as written before validation scored the fill
+    shutil.copytree(run_dir, older)
+    records = [
+        {k: v for k, v in record.items() if k != "fill_psnr_db"}
+        for record in read_jsonl(run_dir / "val.jsonl")
+    ]
+    (older / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    heights = []
+    for folder in (run_dir, older):
+        write_report(folder, tmp_path / folder.name)
+        with Image.open(tmp_path / folder.name / "loss.png") as image:
+            heights.append(image.size[1])
+    assert heights[0] > heights[1] * 1.3  # three panels against two
+
+
 def test_report_defaults_to_the_run_folder_and_runs_from_the_cli(run_dir):
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output

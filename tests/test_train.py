@@ -428,7 +428,7 @@ def assert_every_checkpoint_complete(out: Path) -> list[int]:
     return steps
 
 
-def test_kill_between_temp_write_and_rename_loses_nothing(tmp_path, shards, warm):
+def test_kill_between_temp_write_and_rename_loses_nothing(tmp_path, shards, fork_server):
     out = tmp_path / "run"
     config = tiny(shards, out, steps=6, checkpoint_every=2)
     child = _fork(_train_in_child, config, 4)
@@ -470,7 +470,7 @@ def _wait_until(condition, child, seconds: float = 30.0) -> bool:
     return False
 
 
-def test_sigkill_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, shards, warm):
+def test_sigkill_at_random_moments_and_mid_checkpoint_then_resume(tmp_path, shards, fork_server):
     out = tmp_path / "run"
     steps = 40
     config = tiny(shards, out, steps=steps, checkpoint_every=2, keep_last=2, resume=True)
@@ -566,12 +566,15 @@ def test_cli_trains_and_resumes(tmp_path, shards):
         "--no-captions",
         "--num-workers",
         "0",
+        "--fill-loss",
+        "1.5",
     ]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["batch_size"] == 4 and run["command_line"]
+    assert run["config"]["fill_loss"] == 1.5
     result = CliRunner().invoke(app, arguments + ["--resume"])
     assert result.exit_code == 0 and "trained 0 steps" in result.output
 
@@ -590,6 +593,8 @@ def test_cli_trains_and_resumes(tmp_path, shards):
         ({"model_config": {"foo": 1}}, "unknown config keys ['foo']"),
         ({"model_config": {"norm": "layer"}}, "norm must be"),
         ({"model_config": {"caption_dim": 8}}, "caption_dim is set by --captions"),
+        ({"fill_loss": -1.0}, "--fill-loss"),
+        ({"fill_loss": float("nan")}, "--fill-loss"),
     ],
 )
 def test_bad_options_are_refused_with_a_clear_error(tmp_path, shards, overrides, fragment):
@@ -614,6 +619,23 @@ def test_model_config_replaces_preset_fields_and_is_saved(tmp_path, shards):
     assert saved["resolution"] == 16  # the rest is the tiny preset
     # a resume rebuilds the same model from the recorded options
     assert train(tiny(shards, out, steps=3, model_config=overrides, resume=True))["steps"] == 3
+
+
+def test_fill_loss_is_added_to_the_loss_and_validation_scores_the_fill(tmp_path, shards):
+    runs = {}
+    for weight in (0.0, 5.0):
+        out = tmp_path / f"fill-{weight}"
+        config = tiny(shards, out, steps=4, val_data=shards, val_every=2, val_samples=8)
+        train(replace(config, fill_loss=weight))
+        runs[weight] = (log(out), log(out, "val.jsonl"))
+    (plain, plain_val), (filled, filled_val) = runs[0.0], runs[5.0]
+    # same weights and batch at step 1: the ELBO is untouched (the T=0 pass draws no random
+    # numbers), and the loss gains 5 x the fill's squared error
+    assert filled[0]["nll_bits_per_dim"] == pytest.approx(plain[0]["nll_bits_per_dim"], rel=1e-6)
+    assert filled[0]["loss"] > plain[0]["loss"] + 0.01
+    for record in plain_val + filled_val:  # scored whether or not it is trained on
+        assert 0.0 < record["fill_psnr_db"] <= 100.0
+    assert plain_val[0]["fill_psnr_db"] != filled_val[0]["fill_psnr_db"]  # training moved it
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, shards):
