@@ -338,6 +338,26 @@ def report(
         typer.echo(str(path))
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(
+        ..., metavar="RUN_DIR", help="Run folder written by `inpaint train`."
+    ),
+    out: Path = typer.Option(..., help="Model folder to write (config.json, model.safetensors)."),
+    step: int | None = typer.Option(
+        None, help="Checkpoint step (default: the best by validation NLL, else the newest)."
+    ),
+) -> None:
+    """Turn one checkpoint's EMA weights into a model folder for `inpaint run --model`.
+
+    Example: `inpaint export runs/emoji --step 8500 --out models/emoji-8500`
+    """
+    from inpaint_cli.checkpoint import export_model
+
+    folder = _call(lambda: export_model(run_dir, out, step))
+    typer.echo(f"wrote {out} from {folder}")
+
+
 def main() -> None:
     # OpenMP threads spin while they wait by default; on a shared or busy machine that made
     # 2-thread inference up to 20x slower (benchmarks/). Passive waiting changes no result.

@@ -142,6 +142,44 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return min(scored)[2] if scored else None
 
 
+def export_model(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    """Write the EMA weights of one checkpoint as the model folder `inpaint run --model` reads
+    (config.json + model.safetensors); returns the checkpoint used.
+
+    `step` None takes the best checkpoint by validation NLL, or the newest when none was
+    validated. A run's own `best/` and `model/` hold only those two, so this is how any other
+    step (say, one chosen on a different measure) becomes usable.
+    """
+    from model.hvae import HVAE, HVAEConfig
+
+    run_dir, out = Path(run_dir), Path(out)
+    checkpoints = dict(list_checkpoints(run_dir))
+    if not checkpoints:
+        raise InpaintError(f"{run_dir}: no checkpoints (not an `inpaint train` run folder?)")
+    if step is None:
+        folder = best_checkpoint(run_dir) or checkpoints[max(checkpoints)]
+    elif step in checkpoints:
+        folder = checkpoints[step]
+    else:
+        have = ", ".join(str(s) for s in sorted(checkpoints))
+        raise InpaintError(f"{run_dir}: no checkpoint at step {step} (there are: {have})")
+    verify(folder)
+    run = read_json(run_dir / "run.json")
+    try:
+        model = HVAE(HVAEConfig.from_dict(run["model_config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise InpaintError(f"{run_dir / 'run.json'}: no usable model config ({error})", 1) from None
+    try:
+        model.load_state_dict(read_tensors(folder / "ema.safetensors"))
+    except RuntimeError:
+        raise InpaintError(f"{folder}: weights do not fit the run's model config", 1) from None
+    try:
+        model.save_pretrained(out)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot write ({error.strerror or error})", 1) from None
+    return folder
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from inpaint_cli import checkpoint as ckpt
 from inpaint_cli.app import app
+from inpaint_cli.checkpoint import export_model
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.train import (
     SkipRule,
@@ -636,6 +637,39 @@ def test_fill_loss_is_added_to_the_loss_and_validation_scores_the_fill(tmp_path,
     for record in plain_val + filled_val:  # scored whether or not it is trained on
         assert 0.0 < record["fill_psnr_db"] <= 100.0
     assert plain_val[0]["fill_psnr_db"] != filled_val[0]["fill_psnr_db"]  # training moved it
+
+
+def test_export_turns_any_checkpoint_into_a_model_folder(tmp_path, shards):
+    from model.hvae import HVAE
+
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=4, checkpoint_every=2, val_data=shards, val_every=2)
+    train(replace(config, val_samples=8))
+
+    def weights(folder: Path) -> dict[str, torch.Tensor]:
+        return HVAE.from_pretrained(folder).state_dict()
+
+    assert export_model(out, tmp_path / "s4", step=4).name == "step-00000004"
+    final, step4 = weights(out / "model"), weights(tmp_path / "s4")
+    assert all(torch.equal(final[k], step4[k]) for k in final)  # the run's last EMA export
+    export_model(out, tmp_path / "s2", step=2)
+    step2 = weights(tmp_path / "s2")
+    assert any(not torch.equal(step2[k], step4[k]) for k in step2)
+    default = export_model(out, tmp_path / "default")
+    best = weights(out / "best")
+    chosen = weights(tmp_path / "default")
+    assert default.name in ("step-00000002", "step-00000004")
+    assert all(torch.equal(best[k], chosen[k]) for k in best)  # the default is the best
+    with pytest.raises(InpaintError, match=r"no checkpoint at step 3 \(there are: 2, 4\)"):
+        export_model(out, tmp_path / "s3", step=3)
+    assert not (tmp_path / "s3").exists()
+    result = CliRunner().invoke(
+        app, ["export", str(out), "--step", "2", "--out", str(tmp_path / "cli")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "config.json").is_file()
+    result = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no checkpoints" in result.output
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, shards):
