@@ -173,11 +173,16 @@ def export_model(run_dir: Path, out: Path, step: int | None = None) -> Path:
         model.load_state_dict(read_tensors(folder / "ema.safetensors"))
     except RuntimeError:
         raise InpaintError(f"{folder}: weights do not fit the run's model config", 1) from None
-    try:
-        model.save_pretrained(out)
-    except OSError as error:
-        raise InpaintError(f"{out}: cannot write ({error.strerror or error})", 1) from None
+    write_model_folder(model, out)
     return folder
+
+
+def write_model_folder(model: torch.nn.Module, folder: Path) -> None:
+    """The plain model folder `inpaint run --model` reads (each file replaced atomically)."""
+    try:
+        model.save_pretrained(folder)
+    except OSError as error:
+        raise InpaintError(f"{folder}: cannot write ({error.strerror or error})", 1) from None
 
 
 def read_json(path: Path) -> Any:

@@ -23,10 +23,9 @@ import numpy as np
 
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.masks import MASK_KINDS, stable_seed
+from inpaint_cli.metrics import PSNR_CAP_DB
 from inpaint_cli.run_plan import ONE_FILL_TEMPERATURE, SAMPLES_TEMPERATURE
 
-# A fill that reproduces the hole exactly has infinite PSNR; capped so that means stay finite.
-PSNR_CAP_DB = 100.0
 METRICS = ("psnr", "ssim", "l1")
 METRIC_LABELS = {"psnr": "hole PSNR (dB)", "ssim": "hole SSIM", "l1": "hole L1"}
 # Higher is better for PSNR and SSIM, lower for L1: used to pick the best of K samples.

@@ -14,6 +14,8 @@ import numpy as np
 
 # Wang et al. (2004) SSIM settings: 11x11 Gaussian window, sigma 1.5, population covariance.
 SSIM_SIGMA = 1.5
+# A fill that reproduces the hole exactly has infinite PSNR; capped so that means stay finite.
+PSNR_CAP_DB = 100.0
 # Resampled index matrices are drawn in chunks of at most this many entries to bound memory.
 _BOOTSTRAP_CHUNK_ENTRIES = 4_000_000
 

@@ -34,6 +34,7 @@ import torch
 from inpaint_cli import checkpoint as ckpt
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.images import atomic_write_bytes
+from inpaint_cli.metrics import PSNR_CAP_DB
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 KEYS_RECORDED_PER_RANK = 64
@@ -462,14 +463,6 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         raise InpaintError(f"{path}: cannot write ({error.strerror or error})", 1) from None
 
 
-def _export(ema: torch.nn.Module, folder: Path) -> None:
-    """The plain model folder `inpaint run --model` reads (each file replaced atomically)."""
-    try:
-        ema.save_pretrained(folder)
-    except OSError as error:
-        raise InpaintError(f"{folder}: cannot write ({error.strerror or error})", 1) from None
-
-
 def _truncate_log(path: Path, last_step: int) -> None:
     """After a resume, drop log lines past the checkpoint (and any line cut by a kill)."""
     if not path.exists():
@@ -585,8 +578,8 @@ def validate(
             )
             with accelerator.autocast():
                 out = ema(image, mask, embedding, keep, score_fill=True)
-            # pixels span 2 in [-1, 1]; capped at 100 dB like `inpaint eval`
-            psnr = 10 * torch.log10(4.0 / out["fill_mse"].double().clamp_min(4e-10))
+            # pixels span 2 in [-1, 1]; an exact fill is capped as in `inpaint eval`
+            psnr = (10 * torch.log10(4.0 / out["fill_mse"].double())).clamp_max(PSNR_CAP_DB)
             sums[0] += take
             sums[1] += out["per_image_bits_per_dim"].double().sum()
             sums[2] += out["recon_bits_per_dim"].double() * take
@@ -645,7 +638,7 @@ def save_checkpoint(
             ckpt.prune(run_dir, keep_last)
         except OSError as error:
             raise InpaintError(f"{run_dir}: cannot remove old checkpoints ({error})", 1) from None
-        _export(ema, run_dir / "model")  # always the newest EMA weights
+        ckpt.write_model_folder(ema, run_dir / "model")  # always the newest EMA weights
     accelerator.wait_for_everyone()
     return final
 
@@ -1041,7 +1034,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                     if main:
                         _append_jsonl(val_log, {"step": state["step"], **result})
                         if new_best:
-                            _export(ema, run_dir / "best")
+                            ckpt.write_model_folder(ema, run_dir / "best")
                     if has_tensorboard:
                         accelerator.log({"val/nll": result["nll_bits_per_dim"]}, step=state["step"])
 
@@ -1085,7 +1078,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
     if has_tensorboard:
         accelerator.end_training()
     if start_step == config.steps and main:
-        _export(ema, run_dir / "model")  # resumed a finished run: re-export only
+        ckpt.write_model_folder(ema, run_dir / "model")  # resumed a finished run: re-export only
     accelerator.wait_for_everyone()
     skipped = state["skipped_nonfinite"] + state["skipped_spike"]
     summary = {
