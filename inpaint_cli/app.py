@@ -37,6 +37,10 @@ def _call(job: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
+def _caption_strength_option(help_text: str) -> Any:
+    return typer.Option(None, min=0.0, max=4.0, help=help_text, show_default=False)
+
+
 @app.command()
 def shards(
     src: Path = typer.Argument(
@@ -220,6 +224,9 @@ def run(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     caption: str | None = typer.Option(None, help="One caption for every image."),
     caption_file: Path | None = typer.Option(None, help="metadata.jsonl or CSV captions."),
+    caption_strength: float | None = _caption_strength_option(
+        "Mix of caption and empty caption, 0..4 (default: the model's, in its config.json)."
+    ),
     resize_masks: bool = typer.Option(False, help="Resize masks of another size (nearest)."),
     dilate: int = typer.Option(0, min=0, help="Grow holes by this many pixels."),
     overwrite: bool = typer.Option(False, help="Redo existing outputs."),
@@ -252,6 +259,7 @@ def run(
         device=device,
         caption=caption,
         caption_file=caption_file,
+        caption_strength=caption_strength,
         resize_masks=resize_masks,
         dilate=dilate,
         overwrite=overwrite,
@@ -289,6 +297,9 @@ def evaluate(
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
+    caption_strength: float | None = _caption_strength_option(
+        "Mix of caption and empty caption, 0..4 (default: the model's, in its config.json)."
+    ),
 ) -> None:
     """Score a model (hole NLL, PSNR, SSIM, L1, diversity) against classical baselines.
 
@@ -315,6 +326,7 @@ def evaluate(
         seed=seed,
         device=device,
         text_encoder=text_encoder,
+        caption_strength=caption_strength,
     )
     result = _call(lambda: run_eval(options))
     print_summary(result)
@@ -347,6 +359,9 @@ def export(
     step: int | None = typer.Option(
         None, help="Checkpoint step (default: the best by validation NLL, else the newest)."
     ),
+    caption_strength: float | None = _caption_strength_option(
+        "Caption strength to record in the model's config (default 1: as trained)."
+    ),
 ) -> None:
     """Turn one checkpoint's EMA weights into a model folder for `inpaint run --model`.
 
@@ -354,7 +369,7 @@ def export(
     """
     from inpaint_cli.checkpoint import export_model
 
-    folder = _call(lambda: export_model(run_dir, out, step))
+    folder = _call(lambda: export_model(run_dir, out, step, caption_strength))
     typer.echo(f"wrote {out} from {folder}")
 
 

@@ -142,13 +142,16 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return min(scored)[2] if scored else None
 
 
-def export_model(run_dir: Path, out: Path, step: int | None = None) -> Path:
+def export_model(
+    run_dir: Path, out: Path, step: int | None = None, caption_strength: float | None = None
+) -> Path:
     """Write the EMA weights of one checkpoint as the model folder `inpaint run --model` reads
     (config.json + model.safetensors); returns the checkpoint used.
 
     `step` None takes the best checkpoint by validation NLL, or the newest when none was
     validated. A run's own `best/` and `model/` hold only those two, so this is how any other
-    step (say, one chosen on a different measure) becomes usable.
+    step (say, one chosen on a different measure) becomes usable. `caption_strength` (chosen on
+    validation with `inpaint eval --caption-strength`) is recorded in the folder's config.
     """
     from model.hvae import HVAE, HVAEConfig
 
@@ -166,7 +169,14 @@ def export_model(run_dir: Path, out: Path, step: int | None = None) -> Path:
     verify(folder)
     run = read_json(run_dir / "run.json")
     try:
-        model = HVAE(HVAEConfig.from_dict(run["model_config"]))
+        config = dict(run["model_config"])
+        if caption_strength is not None:
+            if not config.get("caption_dim"):
+                raise InpaintError(
+                    f"{run_dir}: --caption-strength needs a model trained with captions", 2
+                )
+            config["caption_strength"] = caption_strength
+        model = HVAE(HVAEConfig.from_dict(config))
     except (KeyError, TypeError, ValueError) as error:
         raise InpaintError(f"{run_dir / 'run.json'}: no usable model config ({error})", 1) from None
     try:

@@ -56,6 +56,7 @@ class EvalOptions:
     seed: int = 0
     device: str = "auto"
     text_encoder: str | None = None
+    caption_strength: float | None = None  # None: the model config's
     # of the K samples, as `inpaint run --samples K` draws them; NLL does not depend on it
     temperature: float = SAMPLES_TEMPERATURE
     hole_area: tuple[float, float] = (0.1, 0.5)
@@ -806,12 +807,14 @@ def report_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[lis
 def _preamble(result: dict[str, Any]) -> list[str]:
     low_high = result.get("hole_area")
     area = f" (hole area {low_high[0]:g}-{low_high[1]:g})" if low_high else ""
+    strength = result.get("caption_strength")
+    captions = f"; caption strength {strength:g}" if strength is not None else ""
     return [
         f"Model: {result['model']}",
         f"Data: {result['data']} ({result['images']} images at {result['resolution']} px, "
         f"{result['skipped']} skipped)",
         f"Masks: {result['masks']}{area}; samples per image: {result['samples']} at temperature "
-        f"{result['temperature']}; seed {result['seed']}",
+        f"{result['temperature']}{captions}; seed {result['seed']}",
         BOUNDS_NOTE,
         f"PSNR per image is capped at {PSNR_CAP_DB:.0f} dB (an exact fill); SSIM is the map of "
         "the whole image averaged over hole pixels; L1 is a fraction of the 0-255 range.",
@@ -964,6 +967,9 @@ def _check_options(options: EvalOptions) -> None:
         raise InpaintError(f"--batch-size {options.batch_size}: must be at least 1", exit_code=2)
     if options.limit < 0:
         raise InpaintError(f"--limit {options.limit}: must be 0 or more", exit_code=2)
+    strength = options.caption_strength
+    if strength is not None and not 0 <= strength <= 4:
+        raise InpaintError(f"--caption-strength {strength}: must be in 0..4", exit_code=2)
     if options.masks not in MASK_KINDS and not Path(options.masks).exists():
         raise InpaintError(
             f"{options.masks}: not a mask kind ({', '.join(MASK_KINDS)}) nor a mask folder or file",
@@ -995,6 +1001,15 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "--caption-ablation needs a model trained with captions",
             exit_code=2,
         )
+    captions_used = int(model.config.caption_dim) > 0
+    if options.caption_strength is not None:
+        if not captions_used:
+            raise InpaintError(
+                f"{model_path}: the model has no text path; --caption-strength needs a model "
+                "trained with captions",
+                exit_code=2,
+            )
+        model.config.caption_strength = float(options.caption_strength)
     warn = _Warnings(console)
     source = _open_source(options, resolution, warn)
     embedder = _CaptionEmbedder(model, options.text_encoder, device, source.text_encoder)
@@ -1041,6 +1056,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "hole_area": list(options.hole_area) if options.masks in ("box", "stroke") else None,
             "samples": options.samples,
             "temperature": options.temperature,
+            "caption_strength": model.config.caption_strength if captions_used else None,
             "seed": options.seed,
             "psnr_cap_db": PSNR_CAP_DB,
         }

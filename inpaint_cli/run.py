@@ -69,6 +69,7 @@ class RunOptions:
     device: str = "auto"
     caption: str | None = None
     caption_file: Path | None = None
+    caption_strength: float | None = None  # None: the model's config.json value
     resize_masks: bool = False
     dilate: int = 0
     overwrite: bool = False
@@ -630,8 +631,11 @@ def run_folder(options: RunOptions) -> dict:
     if options.save_uncertainty and options.samples == 1 and is_main:
         log.line("warning: --save-uncertainty needs --samples 2 or more; no uncertainty maps")
 
+    if options.caption_strength is not None and caption_dim == 0 and is_main:
+        log.line(f"warning: {model_dir}: the model has no text path; --caption-strength ignored")
+    strength = run_plan.caption_strength(options, config, model_dir) if captioned else None
     encoder_record = config.get("text_encoder") if captioned else None
-    settings = run_plan.output_settings(options, model_dir, masks, encoder_record)
+    settings = run_plan.output_settings(options, model_dir, masks, encoder_record, strength)
     earlier = run_plan.check_manifest(out, settings, options.overwrite)
     done = [
         not options.overwrite and item.problem is None and run_plan.is_done(item, options, out)
@@ -642,6 +646,8 @@ def run_folder(options: RunOptions) -> dict:
 
     device = _choose_device(options, state)
     model = _load_model(model_dir, device)
+    if strength is not None:
+        model.config.caption_strength = strength
     encoder = _load_text_encoder(options, config, model_dir, device) if captioned else None
     if is_main:
         try:

@@ -79,6 +79,8 @@ def check_options(options: RunOptions) -> None:
          "cpu or cuda"),
         (options.caption is None or options.caption_file is None,
          "use --caption or --caption-file, not both"),
+        (options.caption_strength is None or 0 <= options.caption_strength <= 4,
+         f"--caption-strength must be in 0..4, got {options.caption_strength}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -296,8 +298,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def caption_strength(options: RunOptions, config: dict, model_dir: Path) -> float:
+    """The caption strength a run uses: --caption-strength, else the model config's (else 1)."""
+    if options.caption_strength is not None:
+        return float(options.caption_strength)
+    value = config.get("caption_strength", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+        raise InpaintError(
+            f"{model_dir / 'config.json'}: caption_strength must be a number in 0..4, "
+            f"got {value!r}",
+            exit_code=2,
+        )
+    return float(value)
+
+
 def output_settings(
-    options: RunOptions, model_dir: Path, masks: Path, encoder: dict | None
+    options: RunOptions,
+    model_dir: Path,
+    masks: Path,
+    encoder: dict | None,
+    caption_strength: float | None = None,
 ) -> dict:
     """What decides the output pixels: a rerun must match these to add to the same folder."""
     caption_file = Path(options.caption_file) if options.caption_file else None
@@ -312,6 +332,7 @@ def output_settings(
         "caption": options.caption,
         "caption_file_sha256": sha256_file(caption_file) if caption_file else None,
         "text_encoder": encoder,
+        "caption_strength": caption_strength,  # None when no caption reaches the model
     }
 
 

@@ -301,6 +301,12 @@ def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
             f"--model-config: {reserved[0]} is set by --captions / --text-encoder / "
             "--condition-all-layers"
         )
+    if "caption_strength" in config.model_config:
+        # training always sees whole captions; the strength is tuned on validation afterwards
+        raise InpaintError(
+            "--model-config: caption_strength is an inference setting; choose it after training "
+            "(inpaint eval --caption-strength) and set it with inpaint export --caption-strength"
+        )
     overrides: dict[str, Any] = {**config.model_config, "caption_dim": 0, "text_encoder": None}
     if text_encoder is not None:
         overrides.update(

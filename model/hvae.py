@@ -62,6 +62,10 @@ class HVAEConfig:
     caption_dim: int = 0  # 0: no text path at all
     condition_all_layers: bool = False
     text_encoder: dict[str, Any] | None = None  # {"name", "dim", "weights_hash"}
+    # Inference only: a caption is mixed with the learned empty one, strength*true +
+    # (1-strength)*empty. Training uses 1; a lower value chosen on validation helps when the
+    # model over-trusts captions of concepts it never saw (MODEL_CARD.md, caption strength).
+    caption_strength: float = 1.0
 
     def __post_init__(self) -> None:
         # JSON turns int keys into strings; accept both so a round trip is exact
@@ -114,6 +118,7 @@ class HVAEConfig:
             raise ValueError("norm must be 'none', 'group' or 'batch'")
         if not 0 <= self.caption_dim <= 65536:
             raise ValueError("caption_dim must be in 0..65536")
+        check_caption_strength(self.caption_strength)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -125,6 +130,13 @@ class HVAEConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}")
         return cls(**data)
+
+
+def check_caption_strength(value: Any) -> float:
+    """A caption strength must be a number in [0, 4]: 0 ignores captions, above 1 extrapolates."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+        raise ValueError(f"caption_strength must be a number in 0..4, got {value!r}")
+    return float(value)
 
 
 PRESETS: dict[str, HVAEConfig] = {
@@ -599,7 +611,7 @@ class HVAE(nn.Module):
                 f"{tuple(empty.shape)}"
             )
         k = torch.ones(batch, device=ref.device, dtype=ref.dtype) if keep is None else keep
-        k = k.to(device=ref.device, dtype=ref.dtype)[:, None]
+        k = k.to(device=ref.device, dtype=ref.dtype)[:, None] * self.config.caption_strength
         return k * embedding + (1 - k) * empty
 
     def _decode(

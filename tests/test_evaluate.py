@@ -296,6 +296,29 @@ def test_caption_ablation_scores_true_empty_and_shuffled_captions(
     assert np.mean(per_image["true"]) == pytest.approx(ablation["true_bits_per_dim"])
 
 
+def test_caption_strength_zero_makes_every_caption_the_empty_one(
+    captioned_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", _FakeTextEncoder)
+    result = evaluate(
+        _options(
+            image_folder, captioned_model, tmp_path / "r", caption_ablation=True,
+            caption_strength=0.0,
+        )
+    )  # fmt: skip
+    assert result["caption_strength"] == 0.0
+    per_image = result["caption_ablation"]["per_image"]
+    assert per_image["true"] == per_image["empty"] == per_image["shuffled"]
+    assert "caption strength 0" in (tmp_path / "r" / "metrics.md").read_text()
+    default = evaluate(
+        _options(image_folder, captioned_model, tmp_path / "d", caption_ablation=True)
+    )
+    assert default["caption_strength"] == 1.0  # the model's config
+    assert default["caption_ablation"]["per_image"]["true"] != per_image["true"]
+
+
 def test_caption_ablation_refuses_another_text_encoder(
     captioned_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -152,16 +152,52 @@ def test_caption_path_uses_every_parameter_even_without_dropout() -> None:
     assert unused == []
 
 
-def test_caption_changes_the_likelihood() -> None:
+def _perturbed_caption_model() -> HVAE:
+    """A tiny caption model whose zero-initialised layers are not zero, so captions matter."""
     torch.manual_seed(0)
     model = HVAE(preset_config("tiny", caption_dim=8))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_caption_changes_the_likelihood() -> None:
+    model = _perturbed_caption_model()
     images, mask = _images(2), _centre_mask(2)
     a = model.hole_nll_bits_per_dim(images, mask, torch.randn(2, 8))
     b = model.hole_nll_bits_per_dim(images, mask, None)
     assert not torch.allclose(a, b)
+
+
+def test_caption_strength_mixes_the_caption_with_the_empty_one() -> None:
+    model = _perturbed_caption_model()
+    images, mask, caption = _images(2), _centre_mask(2), torch.randn(2, 8)
+    empty = model.empty_caption.detach()[None].expand(2, -1)
+
+    def nll(embedding: torch.Tensor | None, strength: float) -> torch.Tensor:
+        model.config.caption_strength = strength
+        torch.manual_seed(1)  # the same posterior noise for every call
+        return model.hole_nll_bits_per_dim(images, mask, embedding)
+
+    assert torch.equal(nll(caption, 0.0), nll(None, 1.0))  # 0: the caption is ignored
+    assert torch.allclose(nll(caption, 0.3), nll(0.3 * caption + 0.7 * empty, 1.0))
+    assert not torch.allclose(nll(caption, 0.3), nll(caption, 1.0))
+    assert torch.equal(nll(None, 0.3), nll(None, 1.0))  # the empty caption stays itself
+
+
+@pytest.mark.parametrize("value", [-0.1, 4.5, float("nan"), float("inf"), "0.5", True, None])
+def test_caption_strength_must_be_a_number_in_range(value: object) -> None:
+    with pytest.raises(ValueError, match="caption_strength must be a number in 0..4"):
+        HVAEConfig(caption_strength=value)  # type: ignore[arg-type]
+
+
+def test_caption_strength_round_trips_and_defaults_to_one_for_older_configs() -> None:
+    config = preset_config("tiny", caption_dim=8, caption_strength=0.35)
+    assert HVAEConfig.from_dict(json.loads(config.to_json())).caption_strength == 0.35
+    older = json.loads(config.to_json())
+    del older["caption_strength"]
+    assert HVAEConfig.from_dict(older).caption_strength == 1.0
 
 
 def test_wrong_caption_size_is_a_clear_error() -> None:

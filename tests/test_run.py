@@ -431,6 +431,38 @@ def test_caption_model_uses_flag_file_and_sidecar(tmp_path, default_encoder_iden
     assert mixed["plain.png"] not in (red["plain.png"], blue["plain.png"])  # no caption
 
 
+def test_caption_strength_from_the_model_config_or_the_flag(tmp_path, default_encoder_identity):
+    model = _caption_model(tmp_path / "model", default_encoder_identity)
+    images, masks = _caption_folder(tmp_path)
+
+    def run(out: str, *extra) -> dict[str, bytes]:
+        result = invoke(images, "--masks", masks, "--out", tmp_path / out, "--model", model,
+                        "--num-workers", "0", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return _pngs(tmp_path / out)
+
+    (images / "sidecar.txt").unlink()
+    plain = run("plain")  # no captions at all: the learned empty caption
+    red = run("red", "--caption", "a red apple")
+    assert red != plain
+    assert run("zero", "--caption", "a red apple", "--caption-strength", "0") == plain
+    half = run("half", "--caption", "a red apple", "--caption-strength", "0.5")
+    assert half not in (plain, red)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "caption_strength": 0.5}))
+    assert run("from-config", "--caption", "a red apple") == half
+    # a folder filled at one strength is not topped up at another
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "half", "--model", model,
+                    "--caption", "a red apple", "--caption-strength", "1")  # fmt: skip
+    assert result.exit_code == 2 and "caption_strength 0.5 -> 1.0" in result.stderr
+    (model / "config.json").write_text(json.dumps({**config, "caption_strength": "strong"}))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "bad", "--model", model,
+                    "--caption", "a red apple")  # fmt: skip
+    assert result.exit_code == 2
+    assert "config.json: caption_strength must be a number" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_caption_model_refuses_another_text_encoder(tmp_path, default_encoder_identity):
     other = {**default_encoder_identity, "name": "other-encoder", "weights_hash": "0" * 64}
     model = _caption_model(tmp_path / "model", other)

@@ -594,6 +594,7 @@ def test_cli_trains_and_resumes(tmp_path, shards):
         ({"model_config": {"foo": 1}}, "unknown config keys ['foo']"),
         ({"model_config": {"norm": "layer"}}, "norm must be"),
         ({"model_config": {"caption_dim": 8}}, "caption_dim is set by --captions"),
+        ({"model_config": {"caption_strength": 0.5}}, "caption_strength is an inference setting"),
         ({"fill_loss": -1.0}, "--fill-loss"),
         ({"fill_loss": float("nan")}, "--fill-loss"),
     ],
@@ -663,6 +664,9 @@ def test_export_turns_any_checkpoint_into_a_model_folder(tmp_path, shards):
     with pytest.raises(InpaintError, match=r"no checkpoint at step 3 \(there are: 2, 4\)"):
         export_model(out, tmp_path / "s3", step=3)
     assert not (tmp_path / "s3").exists()
+    with pytest.raises(InpaintError, match="needs a model trained with captions"):
+        export_model(out, tmp_path / "strength", caption_strength=0.5)
+    assert not (tmp_path / "strength").exists()
     result = CliRunner().invoke(
         app, ["export", str(out), "--step", "2", "--out", str(tmp_path / "cli")]
     )
@@ -776,7 +780,14 @@ def test_captions_use_shard_embeddings_and_record_the_encoder(tmp_path, monkeypa
     assert CountingEncoder.instances[-1].calls == 0  # the shards carried the embeddings
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["caption_dim"] == 4 and config["text_encoder"]["name"] == "counting"
+    assert config["caption_strength"] == 1.0  # trained on whole captions
     assert keeps == [0, 1, 2]
+    result = CliRunner().invoke(
+        app, ["export", str(out), "--out", str(tmp_path / "tuned"), "--caption-strength", "0.3"]
+    )
+    assert result.exit_code == 0, result.output
+    tuned = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert tuned == {**config, "caption_strength": 0.3}
 
     plain = write_square_shards(tmp_path / "plain", 16, 16)
     CountingEncoder.instances.clear()

@@ -2,7 +2,7 @@
 # The model card's evaluations of a model trained on the emoji recipe (MODEL_CARD.md).
 # usage: examples/emoji/evaluate.sh MODEL_DIR SHARDS_DIR PHOTOS_DIR OUT_DIR
 # SHARDS_DIR holds val-*.tar and test-*.tar from build.sh; PHOTOS_DIR is what
-# make_heldout_photos.py writes. About 20 minutes on 2 CPU cores.
+# make_heldout_photos.py writes. About 30 minutes on 2 CPU cores.
 set -euo pipefail
 model=$1; shards=$2; photos=$3; out=$4
 mkdir -p "$out"
@@ -15,12 +15,30 @@ score() {  # NAME, then inpaint eval options; the summary goes to NAME.txt
   inpaint eval --model "$model" --out "$out/$name" "$@" > "$out/$name.txt"
 }
 
-# Selection on validation only: the temperature of the samples (every report also scores the
-# temperature-0 fill, the default of `inpaint run`).
-temperatures="0.5 0.8 1.0"
+# Selection on validation only. First the caption strength (true captions mixed with the
+# learned empty one): the lowest hole NLL with true captions.
+strengths="0.2 0.3 0.4 0.5 0.7 1.0"
+for s in $strengths; do
+  score "val_caption_strength_$s" --data "$val_shards" --masks center --samples 1 --limit 256 \
+    --caption-ablation --caption-strength "$s"
+done
+best_s=$(python - "$out" $strengths <<'PY'
+import json, sys
+out, strengths = sys.argv[1], sys.argv[2:]
+def true_caption_nll(s):
+    metrics = json.load(open(f"{out}/val_caption_strength_{s}/metrics.json"))
+    return metrics["caption_ablation"]["true_bits_per_dim"]
+print(min(strengths, key=true_caption_nll))
+PY
+)
+echo "captions at strength $best_s (lowest hole NLL with true captions on validation)"
+
+# Then the temperature of the samples (every report also scores the temperature-0 fill, the
+# default of `inpaint run`).
+temperatures="0.2 0.3 0.5 0.8 1.0"
 for t in $temperatures; do
   score "val_temperature_$t" --data "$val_shards" --masks center --samples 4 --limit 256 \
-    --temperature "$t"
+    --temperature "$t" --caption-strength "$best_s"
 done
 best_t=$(python - "$out" $temperatures <<'PY'
 import json, sys
@@ -34,9 +52,9 @@ PY
 echo "samples are drawn at temperature $best_t (best mean of 4 on validation)"
 
 # Test concepts (never trained on or selected with) and held-out photographs.
-score eval_center --data "$test_shards" --masks center --samples 8 --temperature "$best_t" \
+chosen=(--temperature "$best_t" --caption-strength "$best_s")
+score eval_center --data "$test_shards" --masks center --samples 8 "${chosen[@]}" \
   --baselines --caption-ablation --limit 600
-score eval_photos --data "$photos" --masks center --samples 8 --temperature "$best_t" \
-  --baselines
-score eval_stroke --data "$test_shards" --masks stroke --samples 8 --temperature "$best_t" \
+score eval_photos --data "$photos" --masks center --samples 8 "${chosen[@]}" --baselines
+score eval_stroke --data "$test_shards" --masks stroke --samples 8 "${chosen[@]}" \
   --baselines --limit 300
