@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +43,8 @@ from inpaint_cli.images import (
     load_mask,
     save_png_atomic,
 )
-from inpaint_cli.run_plan import MANIFEST_NAME, Item
+from inpaint_cli.run_plan import FAILURES_NAME, MANIFEST_NAME, Item
 
-FAILURES_NAME = "failures.jsonl"
 # Errors of the output folder itself: every later write would fail too, so the run stops.
 FATAL_WRITE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
@@ -125,6 +125,10 @@ def _load_hole_mask(item: Item, size: tuple[int, int], options: RunOptions) -> n
             mask |= load_mask(mask_path, size, resize=options.resize_masks)
         except InpaintError as error:  # name the image too: that is what the user looks for
             raise InpaintError(f"{item.source}: mask {error}", exit_code=1) from None
+    # A disc as wide as the image's diagonal already covers every pixel; a larger --dilate
+    # would only build a larger kernel (--dilate 100000 asked for 40 GB).
+    if mask.any() and options.dilate >= math.hypot(size[0] - 1, size[1] - 1):
+        return np.ones_like(mask)
     return windows.dilate_mask(mask, options.dilate)
 
 
@@ -524,7 +528,12 @@ def _write_grid(options: RunOptions, items: list[Item], out: Path, log: _Log) ->
         for c, cell in enumerate(cells):
             sheet.paste(cell, (c * GRID_CELL, r * GRID_CELL))
     path = Path(options.grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InpaintError(
+            f"{path.parent}: cannot create folder ({error.strerror})", exit_code=1
+        ) from None
     save_png_atomic(sheet, path)
     return path
 
@@ -619,8 +628,9 @@ def run_folder(options: RunOptions) -> dict:
     state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
     log = _Log()
-    root, files = run_plan.discover(images, out)
+    root, files = run_plan.discover(images, out, masks)
     items = run_plan.plan(options, root, files, masks, out, log.line if is_main else None)
+    run_plan.check_grid(options, items, images, masks, out)
 
     caption_dim = int(config.get("caption_dim") or 0)
     given = options.caption is not None or options.caption_file is not None
@@ -637,6 +647,7 @@ def run_folder(options: RunOptions) -> dict:
     encoder_record = config.get("text_encoder") if captioned else None
     settings = run_plan.output_settings(options, model_dir, masks, encoder_record, strength)
     earlier = run_plan.check_manifest(out, settings, options.overwrite)
+    run_plan.check_foreign_files(items, options, out)
     done = [
         not options.overwrite and item.problem is None and run_plan.is_done(item, options, out)
         for item in items
@@ -692,13 +703,19 @@ def run_folder(options: RunOptions) -> dict:
         "failures": sorted((f for c in totals for f in c.failures), key=lambda f: f["file"]),
     }
     summary["images_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
+    grid_error = None
     if is_main:
         if options.grid is not None:
-            grid = _write_grid(options, items, out, log)
+            try:
+                grid = _write_grid(options, items, out, log)
+            except InpaintError as error:  # the outputs are done: still print the summary
+                grid, grid_error = None, error
             summary["grid"] = str(grid) if grid else None
         _print_summary(summary, options)
     if world > 1:
         # gloo's threads must stop before the interpreter does, or a rank can abort at exit
         state.wait_for_everyone()
         torch.distributed.destroy_process_group()
+    if grid_error is not None:
+        raise InpaintError(f"{grid_error}; no grid written, the outputs are complete", exit_code=1)
     return summary

@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.images import IMAGE_EXTENSIONS, MASK_NAME_RE, list_images
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
     from inpaint_cli.run import RunOptions
 
 MANIFEST_NAME = "manifest.jsonl"
+FAILURES_NAME = "failures.jsonl"
+# Written by each process of a multi-process run, merged into FAILURES_NAME by the main one.
+RANK_FAILURES_RE = re.compile(r"^failures\.rank\d+\.jsonl$")
 # One fill per image: the prior's mean latents (temperature 0) scored about 1 dB better hole
 # PSNR than one sample at 0.8 on validation (MODEL_CARD.md, "Temperature"). Several fills: 0.8
 # keeps them visibly different and still plausible (0.5 averages slightly better, but the
@@ -72,7 +76,8 @@ def check_options(options: RunOptions) -> None:
     checks = [
         (options.samples >= 1, f"--samples must be at least 1, got {options.samples}"),
         (options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}"),
-        (options.temperature >= 0, f"--temperature must be >= 0, got {options.temperature}"),
+        (math.isfinite(options.temperature) and options.temperature >= 0,
+         f"--temperature must be a finite number >= 0, got {options.temperature}"),
         (options.dilate >= 0, f"--dilate must be >= 0, got {options.dilate}"),
         (options.num_workers >= 0, f"--num-workers must be >= 0, got {options.num_workers}"),
         (options.device in ("auto", "cpu", "cuda"), f"--device {options.device!r}: use auto, "
@@ -100,9 +105,25 @@ def check_paths(options: RunOptions) -> tuple[Path, Path, Path]:
         raise InpaintError(f"{options.masks}: no such mask file or folder", exit_code=2)
     if out.exists() and not out.is_dir():
         raise InpaintError(f"{options.out}: is a file, --out must be a folder", exit_code=2)
-    if images.is_dir() and out.resolve() == images.resolve():
+    # Outputs keep the inputs' relative paths: in IMAGES' own folder they could replace inputs
+    # or files of the user's that were never inputs, and in a folder above it they would land
+    # among the inputs and be read back as inputs by the next run.
+    folder = images if images.is_dir() else images.parent
+    if out.resolve() == folder.resolve():
+        which = "the IMAGES folder itself" if images.is_dir() else f"the folder of {images.name}"
         raise InpaintError(
-            f"{options.out}: --out is the IMAGES folder itself; outputs could replace inputs, "
+            f"{options.out}: --out is {which}; outputs could replace inputs, choose another folder",
+            exit_code=2,
+        )
+    if _inside(folder.resolve(), out.resolve()):
+        raise InpaintError(
+            f"{options.out}: --out contains the images ({folder}); outputs would be mixed with "
+            "the inputs, choose a folder outside it",
+            exit_code=2,
+        )
+    if masks.is_dir() and masks.resolve() == out.resolve():
+        raise InpaintError(
+            f"{options.out}: --out is the MASKS folder itself; outputs could replace masks, "
             "choose another folder",
             exit_code=2,
         )
@@ -114,19 +135,69 @@ def check_paths(options: RunOptions) -> tuple[Path, Path, Path]:
         )
     if options.caption_file is not None and not Path(options.caption_file).is_file():
         raise InpaintError(f"{options.caption_file}: no such caption file", exit_code=2)
-    if options.grid is not None and Path(options.grid).is_dir():
-        raise InpaintError(f"{options.grid}: is a folder, --grid must be a PNG file", exit_code=2)
+    if options.grid is not None:
+        check_grid_folder(Path(options.grid))
     return images, masks, out
 
 
-def discover(images: Path, out: Path) -> tuple[Path, list[Path]]:
+def check_grid_folder(grid: Path) -> None:
+    """Refuse a --grid that is a folder or whose folder cannot be made, before any work is
+    done (the grid is written last). Creates nothing: a dry run writes nothing."""
+    if grid.is_dir():
+        raise InpaintError(f"{grid}: is a folder, --grid must be a PNG file", exit_code=2)
+    for folder in grid.absolute().parents:  # nearest first
+        if folder.exists():
+            if not folder.is_dir():
+                raise InpaintError(
+                    f"{grid}: cannot make its folder, {folder} is a file", exit_code=2
+                )
+            return
+
+
+def check_grid(
+    options: RunOptions, items: list[Item], images: Path, masks: Path, out: Path
+) -> None:
+    """Refuse a --grid path that would replace an input, a mask, an output or a record of
+    OUT, or that the next run would read back as an input or a mask."""
+    if options.grid is None:
+        return
+    grid = Path(options.grid).expanduser().resolve()
+    out = out.resolve()
+
+    def refuse(problem: str) -> NoReturn:
+        raise InpaintError(f"{options.grid}: {problem}; choose another --grid", exit_code=2)
+
+    if any(grid == item.source.resolve() for item in items):
+        refuse("is an input image")
+    # Files in OUT are never read as inputs, nor as masks when OUT lies inside MASKS.
+    in_out = _inside(grid, out)
+    if images.is_dir() and _inside(grid, images.resolve()) and not in_out:
+        refuse(f"is inside IMAGES ({images}), the next run would take it as an input")
+    if _inside(grid, masks.resolve()) and not (in_out and _inside(out, masks.resolve())):
+        refuse(f"is inside MASKS ({masks}), it could replace or become a mask")
+    if grid == out:
+        refuse("is the --out folder")
+    if in_out:
+        name = grid.relative_to(out).as_posix()
+        owner = next((item for item in items if name in item.output_names(options)), None)
+        if owner is not None:
+            refuse(f"is an output of {owner.rel}")
+        if name in (MANIFEST_NAME, FAILURES_NAME) or RANK_FAILURES_RE.match(name):
+            refuse(f"is a record of {out}")
+
+
+def discover(images: Path, out: Path, masks: Path) -> tuple[Path, list[Path]]:
     """(root that relative paths start from, sorted image files)."""
     if images.is_file():
         return images.parent, [images]
     found = list_images(images)
-    # An OUT inside IMAGES is allowed: its files (earlier outputs) are never taken as inputs.
-    out_resolved = out.resolve()
-    found = [p for p in found if not _inside(p.resolve(), out_resolved)]
+    # OUT or MASKS inside IMAGES is allowed: its files (earlier outputs, masks) are never taken
+    # as inputs. MASKS may also be IMAGES itself: then only <stem>_mask*.png are masks, and
+    # list_images leaves those out already.
+    excluded = [out.resolve()]
+    if masks.resolve() != images.resolve() and _inside(masks.resolve(), images.resolve()):
+        excluded.append(masks.resolve())
+    found = [p for p in found if not any(_inside(p.resolve(), x) for x in excluded)]
     if not found:
         raise InpaintError(
             f"{images}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}; "
@@ -149,14 +220,17 @@ class MaskFinder:
         self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
         if self.single is not None:
             return
-        out_resolved = None if out is None else out.resolve()
+        # An OUT inside MASKS holds earlier outputs, never masks; MASKS inside OUT holds masks.
+        skipped = None
+        if out is not None and _inside(out.resolve(), masks.resolve()):
+            skipped = out.resolve()
         for path in sorted(masks.rglob("*")):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
             relative = path.relative_to(masks)
             if any(part.startswith(".") for part in relative.parts):
                 continue
-            if out_resolved is not None and _inside(path.resolve(), out_resolved):
+            if skipped is not None and _inside(path.resolve(), skipped):
                 continue
             key_folder = relative.parent.as_posix()
             named = MASK_NAME_RE.match(path.name)
@@ -188,7 +262,8 @@ def read_caption_file(path: Path) -> dict[str, str]:
     """file_name (relative to IMAGES) -> text, from metadata.jsonl or a CSV file."""
     captions: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: Excel's "CSV UTF-8" (and some editors) start the file with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InpaintError(f"{path}: cannot read caption file ({error})", exit_code=2) from None
     if path.suffix.lower() == ".csv":
@@ -269,7 +344,7 @@ def resolve_name_clashes(
             for item in group:
                 item.stem = item.rel  # a.jpg -> a.jpg.png
             if warn is not None:
-                names = ", ".join(f"{item.rel} -> {item.stem}.png" for item in group)
+                names = "; ".join(f"{item.rel} -> {_sample_names(item, options)}" for item in group)
                 warn(f"warning: inputs share a name, outputs keep the extension: {names}")
     # Rarer clashes (an input named like another's output, e.g. a_0.png with --samples 2)
     # cannot be renamed away: the later file fails with a clear message.
@@ -283,8 +358,41 @@ def resolve_name_clashes(
         owners.update(dict.fromkeys(names, item))
 
 
+def _sample_names(item: Item, options: RunOptions) -> str:
+    """The fills' file names, shortened to the first and last when there are many."""
+    names = item.outputs(options)["samples"]
+    return ", ".join(names) if len(names) <= 2 else f"{names[0]} ... {names[-1]}"
+
+
 def is_done(item: Item, options: RunOptions, out: Path) -> bool:
     return all((out / name).is_file() for name in item.output_names(options))
+
+
+def check_foreign_files(items: list[Item], options: RunOptions, out: Path) -> None:
+    """Refuse an OUT without a manifest in which planned outputs already exist.
+
+    Every inpaint run writes OUT/manifest.jsonl before its first output, so such files are
+    the user's own (or were copied there): taking them as finished outputs would leave images
+    unfilled, and --overwrite would destroy them. A rerun into a folder inpaint run filled
+    (it has the manifest) still skips, or with --overwrite redoes, its outputs.
+    """
+    if (out / MANIFEST_NAME).is_file():
+        return
+    existing = [
+        out / name
+        for item in items
+        if item.problem is None  # an item that fails up front writes and removes nothing
+        for name in item.output_names(options)
+        if (out / name).exists()
+    ]
+    if existing:
+        raise InpaintError(
+            f"{existing[0]}: already exists, and {out} has no {MANIFEST_NAME}, so inpaint run "
+            f"did not write it ({len(existing)} planned output file(s) exist there); such files "
+            "are neither skipped nor replaced, even with --overwrite: choose another --out or "
+            "move them away",
+            exit_code=2,
+        )
 
 
 # ----------------------------------------------------------------------------- manifest

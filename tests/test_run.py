@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from inpaint_cli.app import app
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.run import RunOptions, run_folder
+from inpaint_cli.run_plan import read_caption_file
 from inpaint_cli.windows import crop_window, hole_windows, paste_window
 
 RNG_SEED = 1234
@@ -293,6 +294,9 @@ def test_stem_clash_keeps_extensions(tmp_path: Path, tiny_model: Path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("*.png")) == ["a.jpg.png", "a.png.png"]
     assert "a.jpg -> a.jpg.png" in result.stderr
+    several = invoke(folder, "--masks", masks, "--out", tmp_path / "out2", "--model", tiny_model,
+                     "--samples", "2", "--dry-run")  # fmt: skip
+    assert "a.jpg -> a.jpg_0.png, a.jpg_1.png; a.png -> a.png_0.png, a.png_1.png" in several.stderr
 
 
 def test_output_inside_input_is_skipped_and_same_folder_refused(tmp_path, tiny_model):
@@ -310,8 +314,154 @@ def test_output_inside_input_is_skipped_and_same_folder_refused(tmp_path, tiny_m
     assert same.exit_code == 2 and "IMAGES folder itself" in same.stderr
     original = (folder / "x.png").read_bytes()
     onto_itself = invoke(folder / "x.png", "--out", folder, *args)  # x.png -> x.png
-    assert onto_itself.exit_code == 1 and "would replace an input" in onto_itself.stderr
+    assert onto_itself.exit_code == 2 and "the folder of x.png" in onto_itself.stderr
     assert (folder / "x.png").read_bytes() == original
+
+
+def _photo(path: Path, seed: int = 0) -> bytes:
+    """A 24x20 image at `path` with its mask beside it in ../masks; returns the image bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_noise_image(np.random.default_rng(seed), 24, 20)).save(path)
+    return path.read_bytes()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+HOLE = [(0.3, 0.3, 0.6, 0.6)]
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("folder_of_single_image", "--out is the folder of cat.jpg"),
+        ("out_contains_images", "--out contains the images"),
+        ("out_is_masks", "--out is the MASKS folder itself"),
+    ],
+)
+def test_out_that_could_replace_or_mix_with_inputs_is_refused(case, problem, tmp_path, tiny_model,
+                                                              monkeypatch):  # fmt: skip
+    proj = tmp_path / "proj"
+    _photo(proj / "photos" / "cat.jpg")
+    _photo(proj / "photos" / "cat.png", seed=1)  # the user's own, not an input of the run
+    _save_mask(proj / "masks" / "cat.png", _box_mask(24, 20, HOLE))
+    monkeypatch.chdir(proj)
+    images, out = {
+        "folder_of_single_image": ("photos/cat.jpg", "photos"),
+        "out_contains_images": ("photos", "."),
+        "out_is_masks": ("photos/cat.jpg", "masks"),
+    }[case]
+    before = _files(proj)
+    result = invoke(images, "--masks", "masks", "--out", out, "--model", tiny_model,
+                    "--num-workers", "0", "--overwrite")  # fmt: skip
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: ") and problem in lines[0]
+    assert _files(proj) == before
+
+
+def test_existing_files_in_an_out_without_manifest_are_not_outputs(tmp_path, tiny_model):
+    images, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "filled"
+    for stem in ("cat", "dog", "owl"):
+        _photo(images / f"{stem}.jpg")
+        _save_mask(masks / f"{stem}.png", _box_mask(24, 20, HOLE))
+    mine = _photo(out / "cat.png", seed=1) + _photo(out / "dog.png", seed=2)
+    args = [images, "--masks", masks, "--out", out, "--model", tiny_model, "--num-workers", "0"]
+    for extra in ([], ["--overwrite"], ["--dry-run"]):
+        result = invoke(*args, *extra)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {out / 'cat.png'}: already exists, and {out} has no ")
+        assert "manifest.jsonl" in line and "(2 planned output file(s) exist there)" in line
+        assert (out / "cat.png").read_bytes() + (out / "dog.png").read_bytes() == mine
+        assert sorted(p.name for p in out.iterdir()) == ["cat.png", "dog.png"]
+    # outputs inpaint run wrote (the folder has its manifest) are skipped, or redone
+    (out / "cat.png").unlink()
+    (out / "dog.png").unlink()
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 3
+    redone = invoke(*args, "--json", "--overwrite")
+    assert redone.exit_code == 0 and json.loads(redone.stdout)["done"] == 3
+
+
+def test_masks_inside_out_are_found(tmp_path, tiny_model):
+    images, out = tmp_path / "photos", tmp_path / "results"
+    _photo(images / "cat.jpg")
+    _save_mask(out / "masks" / "cat.png", _box_mask(24, 20, HOLE))
+    args = [images, "--masks", out / "masks", "--out", out, "--model", tiny_model,
+            "--num-workers", "0", "--json"]  # fmt: skip
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == 1 and (out / "cat.png").is_file()
+    assert json.loads(invoke(*args).stdout)["skipped"] == 1
+
+
+def test_masks_inside_images_are_not_inputs(tmp_path, tiny_model, monkeypatch):
+    p2 = tmp_path / "p2"
+    _photo(p2 / "cat.jpg")
+    _save_mask(p2 / "masks" / "cat.png", _box_mask(24, 20, HOLE))
+    monkeypatch.chdir(p2)
+    result = invoke(".", "--masks", "masks", "--out", "../out", "--model", tiny_model,
+                    "--num-workers", "0", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["total"], summary["done"]) == (1, 1)
+    # one mask file for every image, kept in the IMAGES folder: it is no input either
+    _save_mask(p2 / "everywhere.png", _box_mask(24, 20, HOLE))
+    (p2 / "masks" / "cat.png").unlink()
+    (p2 / "masks").rmdir()
+    result = invoke(".", "--masks", "everywhere.png", "--out", "../out2", "--model", tiny_model,
+                    "--num-workers", "0", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["total"] == 1
+
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("input", "is an input image"),
+        ("inside_images", "is inside IMAGES"),
+        ("inside_masks", "is inside MASKS"),
+        ("output", "is an output of cat.jpg"),
+        ("manifest", "is a record of"),
+        ("failures", "is a record of"),
+    ],
+)
+def test_grid_that_would_replace_or_be_read_back_is_refused(case, problem, tmp_path, tiny_model):
+    images, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "filled"
+    _photo(images / "cat.jpg")
+    _photo(images / "dog.png", seed=1)
+    for stem in ("cat", "dog"):
+        _save_mask(masks / f"{stem}.png", _box_mask(24, 20, HOLE))
+    grid = {
+        "input": images / "dog.png",
+        "inside_images": images / "grid.png",
+        "inside_masks": masks / "grid.png",
+        "output": out / "cat.png",
+        "manifest": out / "manifest.jsonl",
+        "failures": out / "failures.jsonl",
+    }[case]
+    before = _files(tmp_path)
+    result = invoke(images, "--masks", masks, "--out", out, "--model", tiny_model,
+                    "--num-workers", "0", "--grid", grid)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {grid}: ") and problem in line
+    assert _files(tmp_path) == before
+
+
+def test_grid_inside_an_out_inside_images_is_not_read_back(tmp_path, tiny_model):
+    images, masks = tmp_path / "photos", tmp_path / "masks"
+    _photo(images / "cat.jpg")
+    _save_mask(masks / "cat.png", _box_mask(24, 20, HOLE))
+    args = [images, "--masks", masks, "--out", images / "filled", "--model", tiny_model,
+            "--num-workers", "0", "--grid", images / "filled" / "grid.png", "--json"]  # fmt: skip
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert (images / "filled" / "grid.png").is_file()
+    assert json.loads(invoke(*args).stdout)["total"] == 1
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "out_is_file", "masks_missing"])
@@ -346,6 +496,15 @@ def test_not_a_model_folder_and_bad_options(tmp_path: Path, mixed: dict):
     for bad in ("--batch-size", "--samples"):
         assert invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
                       bad, "0").exit_code == 2  # fmt: skip
+    result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
+                    "--temperature", "inf")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --temperature must be a finite number >= 0, got inf"
+    for value in (float("inf"), float("nan")):  # the CLI already refuses nan itself
+        with pytest.raises(InpaintError, match="--temperature must be a finite number"):
+            run_folder(RunOptions(mixed["images"], mixed["masks"], tmp_path / "o",
+                                  temperature=value))  # fmt: skip
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- windows
@@ -400,6 +559,19 @@ def _caption_folder(root: Path) -> tuple[Path, Path]:
         _save_mask(masks / f"{stem}.png", _box_mask(24, 24, [(0.2, 0.2, 0.7, 0.7)]))
     (images / "sidecar.txt").write_text("a red apple\n", encoding="utf-8")
     return images, masks
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("captions.csv", "file_name,text\nlisted.png,a red apple\n"),
+        ("metadata.jsonl", json.dumps({"file_name": "listed.png", "text": "a red apple"}) + "\n"),
+    ],
+)
+def test_caption_file_with_a_byte_order_mark(name, text, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Excel's "CSV UTF-8"
+    assert read_caption_file(path) == {"listed.png": "a red apple"}
 
 
 def test_model_without_captions_ignores_them_with_one_warning(tmp_path, tiny_model):

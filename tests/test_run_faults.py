@@ -189,6 +189,28 @@ def test_all_white_mask_generates_the_whole_image(tmp_path, tiny_model):
     assert _changed(images, out).mean() > 0.9
 
 
+def test_huge_dilate_fills_the_whole_image_without_a_huge_kernel(tmp_path, tiny_model, monkeypatch):
+    import cv2
+
+    kernels = []
+    make_kernel = cv2.getStructuringElement
+
+    def recording(shape, size, *args):
+        kernels.append(size)
+        if max(size) > 1000:  # the unbounded code asked for 200001 x 200001 (40 GB)
+            raise MemoryError(f"kernel {size}")
+        return make_kernel(shape, size, *args)
+
+    monkeypatch.setattr(cv2, "getStructuringElement", recording)
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:4, 2:4] = 255
+    images, masks, out = _one_image_with_mask(tmp_path, mask)
+    result = _run_cli(images, masks, out, tiny_model, "--dilate", "100000")
+    assert result.exit_code == 0, result.output
+    assert all(max(size) <= 2 * 36 + 1 for size in kernels)  # at most the image's diagonal
+    assert _changed(images, out).mean() > 0.9  # grown past the image: all of it is the hole
+
+
 def test_grey_level_and_rgb_masks_use_the_128_threshold(tmp_path, tiny_model):
     mask = np.zeros((24, 36, 3), np.uint8)
     mask[2:10, 2:10] = (100, 100, 100)  # grey below 128: kept
@@ -274,6 +296,26 @@ class _OsWithFailingWrites:
             raise OSError(self.code, os.strerror(self.code))
         self.left -= 1
         return os.write(fd, data)
+
+
+def test_grid_that_cannot_be_written_still_prints_the_summary(tmp_path, tiny_model, monkeypatch):
+    import inpaint_cli.run_plan as run_plan
+
+    images, masks, out = _one_image_with_mask(tmp_path, _box_mask(30, 20, HOLE))
+    (tmp_path / "afile").write_text("a file where the grid's folder should be")
+    grid = tmp_path / "afile" / "grid.png"
+    refused = _run_cli(images, masks, out, tiny_model, "--grid", grid)
+    assert refused.exit_code == 2 and not out.exists()  # refused before any work
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {grid}: cannot make its folder, {tmp_path / 'afile'} is a file"
+    ]
+    # a grid folder that fails only at the end (e.g. made read-only meanwhile)
+    monkeypatch.setattr(run_plan, "check_grid_folder", lambda grid: None)
+    late = _run_cli(images, masks, out, tiny_model, "--grid", grid, "--json")
+    assert late.exit_code == 1 and "Traceback" not in late.output
+    assert json.loads(late.stdout)["done"] == 1 and (out / "pic.png").is_file()
+    (line,) = late.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'afile'}: cannot create folder") and "grid" in line
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
