@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -125,10 +124,6 @@ def _load_hole_mask(item: Item, size: tuple[int, int], options: RunOptions) -> n
             mask |= load_mask(mask_path, size, resize=options.resize_masks)
         except InpaintError as error:  # name the image too: that is what the user looks for
             raise InpaintError(f"{item.source}: mask {error}", exit_code=1) from None
-    # A disc as wide as the image's diagonal already covers every pixel; a larger --dilate
-    # would only build a larger kernel (--dilate 100000 asked for 40 GB).
-    if mask.any() and options.dilate >= math.hypot(size[0] - 1, size[1] - 1):
-        return np.ones_like(mask)
     return windows.dilate_mask(mask, options.dilate)
 
 

@@ -166,11 +166,14 @@ def paste_window(canvas: np.ndarray, mask: np.ndarray, window: Window, filled: n
 
 
 def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Grow holes by `pixels` (a disc), to cover halos around objects."""
+    """Grow holes by `pixels` (every pixel within that Euclidean distance of a hole), to cover
+    halos around objects."""
     if pixels <= 0 or not mask.any():
         return mask
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
-    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+    # An exact distance transform costs the same for any radius; a disc kernel grows with the
+    # radius (--dilate 100000 asked for a 40 GB kernel, 500 took 13 s on one megapixel).
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return distance <= pixels
 
 
 # ----------------------------------------------------------------------------- output modes

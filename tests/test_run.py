@@ -18,7 +18,7 @@ from inpaint_cli.app import app
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.run import RunOptions, run_folder
 from inpaint_cli.run_plan import read_caption_file
-from inpaint_cli.windows import crop_window, hole_windows, paste_window
+from inpaint_cli.windows import crop_window, dilate_mask, hole_windows, paste_window
 
 RNG_SEED = 1234
 
@@ -508,6 +508,17 @@ def test_not_a_model_folder_and_bad_options(tmp_path: Path, mixed: dict):
 
 
 # ----------------------------------------------------------------------------- windows
+
+
+def test_dilate_grows_holes_by_euclidean_distance_for_any_radius():
+    mask = np.zeros((40, 50), bool)
+    mask[10, 12] = mask[30, 40] = True
+    ys, xs = np.mgrid[:40, :50]
+    nearest = np.minimum(np.hypot(ys - 10, xs - 12), np.hypot(ys - 30, xs - 40))
+    for radius in (1, 3, 7):
+        assert np.array_equal(dilate_mask(mask, radius), nearest <= radius)
+    assert dilate_mask(mask, 10**6).all()  # no kernel is built, so a huge radius costs nothing
+    assert dilate_mask(mask, 0) is mask and not dilate_mask(np.zeros((4, 4), bool), 5).any()
 
 
 def test_far_apart_holes_get_separate_windows_and_paste_only_holes():
