@@ -6,6 +6,7 @@ batch jobs can print one warning line per bad file and carry on.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -235,12 +236,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(temp, path)
     except OSError as error:
-        temp.unlink(missing_ok=True)
+        _remove_quietly(temp)
         problem = f"cannot write ({error.strerror or error})"
         raise InpaintError(f"{path}: {problem}", exit_code=1) from None
     except BaseException:
-        temp.unlink(missing_ok=True)
+        _remove_quietly(temp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    # Cleanup must not replace the error being reported: on a read-only mount unlink fails
+    # with EROFS even when the file was never created.
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -19,9 +19,11 @@ Shape of the model (see ../shared/design-notes.md and the original ift6266 proje
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import reprlib
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -68,12 +70,12 @@ class HVAEConfig:
     caption_strength: float = 1.0
 
     def __post_init__(self) -> None:
-        # JSON turns int keys into strings; accept both so a round trip is exact
+        # JSON turns int keys into strings; accept digit strings so a round trip is exact
         for name in ("widths", "encoder_blocks", "latent_groups"):
             table = getattr(self, name)
             if not isinstance(table, dict):
-                raise ValueError(f"{name} must map resolutions to numbers, got {table!r}")
-            setattr(self, name, {int(k): int(v) for k, v in table.items()})
+                raise ValueError(f"{name} must map resolutions to integers, got {_show(table)}")
+            setattr(self, name, {_resolution_key(name, k): v for k, v in table.items()})
         self.validate()
 
     @property
@@ -88,36 +90,38 @@ class HVAEConfig:
     def validate(self) -> None:
         """Refuse configs that would build a broken model (config files are untrusted input)."""
         r = self.resolution
-        if not (isinstance(r, int) and 8 <= r <= 1024 and r & (r - 1) == 0):
-            raise ValueError(f"resolution must be a power of two in 8..1024, got {r!r}")
-        for name in ("widths", "encoder_blocks"):
+        if not (_is_int(r) and 8 <= r <= 1024 and r & (r - 1) == 0):
+            raise ValueError(f"resolution must be a power of two in 8..1024, got {_show(r)}")
+        for name, low, high in (("widths", 1, 4096), ("encoder_blocks", 0, 64)):
             table = getattr(self, name)
             missing = [s for s in self.resolutions if s not in table]
             if missing:
                 raise ValueError(f"{name} lacks resolutions {missing}")
-        if any(not 1 <= w <= 4096 for w in self.widths.values()):
-            raise ValueError("widths must be in 1..4096")
-        if any(not 0 <= b <= 64 for b in self.encoder_blocks.values()):
-            raise ValueError("encoder_blocks must be in 0..64")
+            _check_table(name, table, low, high)
         bad = [s for s in self.latent_groups if s not in self.resolutions or s == r]
-        if bad or not any(self.latent_groups.values()):
+        if bad:
             raise ValueError(f"latent_groups needs resolutions below {r} from {self.resolutions}")
-        if any(not 0 <= n <= 64 for n in self.latent_groups.values()):
-            raise ValueError("latent_groups counts must be in 0..64")
-        if not 1 <= self.z_channels <= 1024:
-            raise ValueError("z_channels must be in 1..1024")
-        if not 0.0 < self.bottleneck <= 4.0:
-            raise ValueError("bottleneck must be in (0, 4]")
-        if not 1 <= self.num_mixtures <= 64:
-            raise ValueError("num_mixtures must be in 1..64")
+        _check_table("latent_groups", self.latent_groups, 0, 64)
+        if not any(self.latent_groups.values()):
+            raise ValueError("latent_groups needs at least one latent group")
+        _check_int("z_channels", self.z_channels, 1, 1024)
+        if not _is_real(self.bottleneck) or not 0.0 < self.bottleneck <= 4.0:
+            raise ValueError(f"bottleneck must be a number in (0, 4], got {_show(self.bottleneck)}")
+        _check_int("num_mixtures", self.num_mixtures, 1, 64)
         if self.pixel_distribution not in ("logistic", "gaussian"):
             raise ValueError("pixel_distribution must be 'logistic' or 'gaussian'")
         if self.base_fill not in ("pyramid", "harmonic"):
             raise ValueError("base_fill must be 'pyramid' or 'harmonic'")
         if self.norm not in ("none", "group", "batch"):
             raise ValueError("norm must be 'none', 'group' or 'batch'")
-        if not 0 <= self.caption_dim <= 65536:
-            raise ValueError("caption_dim must be in 0..65536")
+        _check_int("caption_dim", self.caption_dim, 0, 65536)
+        flag = self.condition_all_layers
+        if not isinstance(flag, bool):
+            raise ValueError(f"condition_all_layers must be true or false, got {_show(flag)}")
+        if self.text_encoder is not None and not isinstance(self.text_encoder, dict):
+            raise ValueError(
+                f"text_encoder must be an object or null, got {_show(self.text_encoder)}"
+            )
         check_caption_strength(self.caption_strength)
 
     def to_json(self) -> str:
@@ -128,14 +132,53 @@ class HVAEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
+            raise ValueError(f"unknown config keys {_show(unknown)}")
         return cls(**data)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 80  # room for any of the model's own tensor names
+
+
+def _show(value: Any) -> str:
+    # a bounded repr: config values and weight names are untrusted, and an error is one line
+    return _REPR.repr(value)
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, and a float would fail deep inside torch or be truncated silently
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {_show(value)}")
+
+
+def _resolution_key(name: str, key: Any) -> Any:
+    """An int key, or a digit string (what JSON makes of one) turned back into an int."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    if not _is_int(key):
+        raise ValueError(f"{name} keys must be resolutions (integers), got {_show(key)}")
+    return key
+
+
+def _check_table(name: str, table: dict[Any, Any], low: int, high: int) -> None:
+    for size, value in table.items():
+        if not _is_int(size):
+            raise ValueError(f"{name} keys must be resolutions (integers), got {_show(size)}")
+        _check_int(f"{name}[{size}]", value, low, high)
 
 
 def check_caption_strength(value: Any) -> float:
     """A caption strength must be a number in [0, 4]: 0 ignores captions, above 1 extrapolates."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
-        raise ValueError(f"caption_strength must be a number in 0..4, got {value!r}")
+        raise ValueError(f"caption_strength must be a number in 0..4, got {_show(value)}")
     return float(value)
 
 
@@ -236,8 +279,15 @@ def _fan_in_init(conv: nn.Conv2d | nn.Linear, gain: float) -> None:
     """Weights with std gain/sqrt(fan_in) (He init for gain sqrt(2)), zero bias."""
     fan_in = conv.weight[0].numel()
     with torch.no_grad():
-        conv.weight.normal_(0.0, gain / math.sqrt(fan_in))
+        _normal(conv.weight, gain / math.sqrt(fan_in))
         conv.bias.zero_()
+
+
+def _normal(weight: torch.Tensor, std: float) -> None:
+    # a model on the meta device (from_pretrained's shape check) has no values to draw, and
+    # torch's meta normal_ imports torch._dynamo: 2 seconds added to every model load
+    if not weight.is_meta:
+        weight.normal_(0.0, std)
 
 
 def _scale_last_conv(block: Block, scale: float) -> None:
@@ -337,7 +387,7 @@ class LatentGroup(nn.Module):
             # embeddings are unit vectors: weights of std 0.5 give outputs of std ~0.5, a clear
             # signal from the first step (fan-in init would make it ~0.03)
             with torch.no_grad():
-                self.caption_proj.weight.normal_(0.0, 0.5)
+                _normal(self.caption_proj.weight, 0.5)
                 self.caption_proj.bias.zero_()
         # the prior starts as N(0, 1) and each group's writes start small (VDVAE's init)
         with torch.no_grad():
@@ -839,7 +889,7 @@ class HVAE(nn.Module):
         cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> HVAE:
         """Load a model folder; raises ValueError naming the folder and the problem."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -854,17 +904,44 @@ class HVAE(nn.Module):
             config = HVAEConfig.from_dict(json.loads(config_path.read_text()))
         except (ValueError, TypeError, UnicodeDecodeError) as error:
             raise ValueError(f"{config_path}: invalid model config: {error}") from None
+        try:
+            with safe_open(str(weights_path), framework="pt") as file:  # the header only
+                shapes = {name: file.get_slice(name).get_shape() for name in file.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_path}: unreadable weights: {error}") from None
+        # before anything is allocated: a few bytes of config can describe a model of terabytes
+        problem = weights_mismatch(config, shapes)
+        if problem:
+            raise ValueError(f"{folder}: {WEIGHTS_NAME} does not match {CONFIG_NAME}: {problem}")
         model = cls(config)
         try:
             tensors = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path}: unreadable weights: {error}") from None
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0]
-            raise ValueError(f"{weights_path}: weights do not match the config: {first}") from None
+        model.load_state_dict(tensors, strict=True)  # names and shapes were checked above
         return model.to(map_location).eval()
+
+
+def weights_mismatch(config: HVAEConfig, shapes: dict[str, Any]) -> str | None:
+    """How tensors of the given shapes (name -> shape) differ from the model `config`
+    describes, in one line, or None when they fit. The model is built on the meta device, so
+    this allocates nothing however large the config says the model is."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in HVAE(config).state_dict().items()}
+    found = {name: tuple(shape) for name, shape in shapes.items()}
+    problems = [
+        f"tensor {name!r} is {_show(found[name])}, the config needs {expected[name]}"
+        for name in sorted(expected.keys() & found.keys())
+        if found[name] != expected[name]
+    ]
+    problems += [f"tensor {name!r} is missing" for name in sorted(expected.keys() - found.keys())]
+    problems += [
+        f"unexpected tensor {_show(name)}" for name in sorted(found.keys() - expected.keys())
+    ]
+    if not problems:
+        return None
+    more = len(problems) - 1
+    return problems[0] + (f" (and {more} more difference{'s' * (more > 1)})" if more else "")
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -878,5 +955,6 @@ def _atomic_write(path: Path, write: Any) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # cleanup must not replace the error being raised
+            Path(tmp).unlink(missing_ok=True)
         raise

@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import struct
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,6 +291,31 @@ def test_atomic_write_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch,
     assert str(error.value) == f"{target}: cannot write ({os.strerror(code)})"
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.png"]
+
+
+@pytest.mark.parametrize("failure", [None, KeyboardInterrupt])
+def test_cleanup_on_a_read_only_folder_never_masks_the_error(tmp_path, monkeypatch, failure):
+    """On a read-only mount the temporary file cannot be made, and removing it fails with
+    EROFS too (even though it does not exist): the user must see the first error, not that."""
+    target = tmp_path / "out.png"
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    unlinked = []
+
+    def fail_open(*args, **kwargs):
+        raise read_only if failure is None else failure()
+
+    def fail_unlink(path, missing_ok=False):
+        unlinked.append(path)
+        raise read_only
+
+    monkeypatch.setattr(images, "os", types.SimpleNamespace(**{**vars(os), "open": fail_open}))
+    monkeypatch.setattr(Path, "unlink", fail_unlink)
+    with pytest.raises(InpaintError if failure is None else failure) as error:
+        atomic_write_bytes(target, b"new")
+    assert len(unlinked) == 1  # the cleanup was tried, and its failure swallowed
+    if failure is None:
+        assert str(error.value) == f"{target}: cannot write (Read-only file system)"
+        assert error.value.exit_code == 1
 
 
 def test_kill_between_temp_write_and_rename_leaves_no_partial_file(tmp_path, monkeypatch) -> None:

@@ -393,6 +393,19 @@ def test_save_and_load_round_trip(tmp_path, trained) -> None:
         ({"norm": "magic"}, "norm"),
         ({"bogus": 1}, "unknown config keys"),
         ({"latent_groups": {"16": 1}}, "latent_groups"),
+        # a float where an int belongs failed deep inside torch, or was truncated silently
+        ({"z_channels": 16.5}, r"z_channels must be an integer in 1\.\.1024, got 16\.5"),
+        ({"num_mixtures": 2.0}, r"num_mixtures must be an integer in 1\.\.64, got 2\.0"),
+        ({"caption_dim": "384"}, r"caption_dim must be an integer in 0\.\.65536, got '384'"),
+        ({"resolution": 16.0}, r"resolution must be a power of two in 8\.\.1024, got 16\.0"),
+        ({"z_channels": True}, "z_channels must be an integer"),
+        ({"widths": {"16": 16.5, "8": 16, "4": 16, "1": 16}}, r"widths\[16\] must be an integer"),
+        ({"encoder_blocks": {"16": 1, "8": 1, "4": 1, "1": 1.0}}, r"encoder_blocks\[1\] must"),
+        ({"latent_groups": {"1": 1, "8": 1.5}}, r"latent_groups\[8\] must be an integer"),
+        ({"latent_groups": {"1": 1, "four": 1}}, "latent_groups keys must be resolutions"),
+        ({"widths": [16, 16, 16, 16]}, "widths must map resolutions to integers"),
+        ({"bottleneck": "0.5"}, r"bottleneck must be a number in \(0, 4\], got '0\.5'"),
+        ({"condition_all_layers": "no"}, "condition_all_layers must be true or false"),
     ],
 )
 def test_invalid_configs_are_refused(tmp_path, change, message) -> None:
@@ -400,8 +413,19 @@ def test_invalid_configs_are_refused(tmp_path, change, message) -> None:
     data = json.loads((tmp_path / "config.json").read_text())
     data.update(change)
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         HVAE.from_pretrained(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'config.json'}: invalid model config: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_model_config_overrides_must_be_integers_too() -> None:
+    # `inpaint train --model-config z_channels=2.5` goes through preset_config
+    with pytest.raises(ValueError, match="z_channels must be an integer in 1..1024, got 2.5"):
+        preset_config("tiny", z_channels=2.5)
+    # JSON's string keys are still accepted, and become ints
+    config = preset_config("tiny", latent_groups={"1": 2, "8": 1})
+    assert config.latent_groups == {1: 2, 8: 1}
 
 
 def test_not_a_model_folder_is_a_clear_error(tmp_path) -> None:
@@ -418,8 +442,57 @@ def test_weights_of_another_shape_are_refused(tmp_path) -> None:
     data = json.loads((tmp_path / "config.json").read_text())
     data["z_channels"] = 4
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="do not match the config"):
+    with pytest.raises(ValueError) as caught:
         HVAE.from_pretrained(tmp_path)
+    # the first differing tensor (sorted by name) and how many more: 3 per latent group
+    assert str(caught.value) == (
+        f"{tmp_path}: model.safetensors does not match config.json: tensor "
+        "'groups.1.0.posterior.c4.bias' is (16,), the config needs (8,) (and 14 more differences)"
+    )
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    HVAE(preset_config("tiny")).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not match config.json: unexpected tensor "
+                       r"'extra.weight'$"):  # fmt: skip
+        HVAE.from_pretrained(tmp_path)
+    del tensors["top_state"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not match config.json: tensor 'top_state' is "
+                       r"missing$"):  # fmt: skip
+        HVAE.from_pretrained(tmp_path)
+
+
+def test_a_config_describing_a_huge_model_is_refused_before_allocating(
+    tmp_path, monkeypatch
+) -> None:
+    """A few bytes of config.json beside small weights must not make the loader allocate the
+    model they describe (here ~200 GiB): the weights' header is checked on the meta device."""
+    HVAE(preset_config("tiny")).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(widths={size: 4096 for size in data["widths"]}, bottleneck=4.0)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with torch.device("meta"):
+        described = HVAE(HVAEConfig.from_dict(data))
+    assert sum(p.numel() for p in described.parameters()) * 4 > 100 * 2**30  # > 100 GiB
+    build = HVAE.__init__
+
+    def meta_only(self, config):
+        # fail instead of allocating: a regression must not take the machine's memory
+        assert torch.empty(0).device.type == "meta", "the model was built for real"
+        build(self, config)
+
+    monkeypatch.setattr(HVAE, "__init__", meta_only)
+    with pytest.raises(ValueError) as caught:
+        HVAE.from_pretrained(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path}: model.safetensors does not match config.json: ")
+    assert "is (16,), the config needs (16384,)" in message
 
 
 def test_unknown_preset_is_refused() -> None:
