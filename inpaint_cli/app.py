@@ -87,6 +87,8 @@ def shards(
     )
     for line in format_summary(summary):
         typer.echo(line)
+    if summary["skipped"]:  # what could be packed is written; the exit code says some was not
+        raise typer.Exit(1)
 
 
 @app.command()

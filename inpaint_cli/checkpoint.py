@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ def export_model(
     step (say, one chosen on a different measure) becomes usable. `caption_strength` (chosen on
     validation with `inpaint eval --caption-strength`) is recorded in the folder's config.
     """
-    from model.hvae import HVAE, HVAEConfig
+    from model.hvae import HVAE, HVAEConfig, weights_mismatch
 
     run_dir, out = Path(run_dir), Path(out)
     checkpoints = dict(list_checkpoints(run_dir))
@@ -166,6 +167,7 @@ def export_model(
     else:
         have = ", ".join(str(s) for s in sorted(checkpoints))
         raise InpaintError(f"{run_dir}: no checkpoint at step {step} (there are: {have})")
+    _check_export_target(run_dir, out)
     verify(folder)
     run = read_json(run_dir / "run.json")
     try:
@@ -176,15 +178,43 @@ def export_model(
                     f"{run_dir}: --caption-strength needs a model trained with captions", 2
                 )
             config["caption_strength"] = caption_strength
-        model = HVAE(HVAEConfig.from_dict(config))
+        config = HVAEConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as error:
         raise InpaintError(f"{run_dir / 'run.json'}: no usable model config ({error})", 1) from None
-    try:
-        model.load_state_dict(read_tensors(folder / "ema.safetensors"))
-    except RuntimeError:
-        raise InpaintError(f"{folder}: weights do not fit the run's model config", 1) from None
+    tensors = read_tensors(folder / "ema.safetensors")
+    # compared before the model is built: run.json alone could describe a model of terabytes
+    problem = weights_mismatch(config, {name: value.shape for name, value in tensors.items()})
+    if problem:
+        raise InpaintError(f"{folder}: weights do not fit the run's model config: {problem}", 1)
+    model = HVAE(config)
+    model.load_state_dict(tensors)
     write_model_folder(model, out)
     return folder
+
+
+def _check_export_target(run_dir: Path, out: Path) -> None:
+    """Refuse an export folder whose files the export would destroy: a checkpoint (`--resume`
+    would go on from the exported weights) or anything in the run's checkpoints folder, a file,
+    or a folder of other files. A new or empty folder, or a model folder (re-export), is fine."""
+    from model.hvae import CONFIG_NAME
+
+    if out.resolve().is_relative_to((run_dir / CHECKPOINTS).resolve()):
+        raise InpaintError(f"{out}: inside the run's checkpoints folder; choose another --out")
+    if (out / STATE_FILE).exists():
+        raise InpaintError(
+            f"{out}: a training checkpoint, not a model folder; choose another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise InpaintError(f"{out}: not a folder")
+    try:
+        foreign = out.is_dir() and not (out / CONFIG_NAME).is_file() and any(out.iterdir())
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot read ({error.strerror or error})", 1) from None
+    if foreign:
+        raise InpaintError(
+            f"{out}: holds files but is not a model folder (no {CONFIG_NAME}); "
+            "choose a new or empty folder"
+        )
 
 
 def write_model_folder(model: torch.nn.Module, folder: Path) -> None:
@@ -224,11 +254,17 @@ def verify(folder: Path) -> dict[str, Any]:
     return state
 
 
-def newest_complete(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, skipping (and naming) damaged ones."""
+def newest_complete(
+    run_dir: Path, check: Callable[[Path, dict[str, Any]], None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies (and passes `check`, which raises InpaintError),
+    skipping (and naming) damaged ones."""
     for _, folder in reversed(list_checkpoints(run_dir)):
         try:
-            return folder, verify(folder)
+            state = verify(folder)
+            if check is not None:
+                check(folder, state)
+            return folder, state
         except InpaintError as error:
             print(f"warning: skipping checkpoint {error}")
     return None

@@ -1,8 +1,9 @@
 """Webdataset loaders for training and evaluation: seeded, resumable, multi-process correct.
 
 Shards are read by our own bounded tar reader and decoded by our own handlers only: images
-through `images.decode_image`, `txt` as UTF-8, `emb.f32` as raw float32. Any other member
-(`.pkl`, `.pth`, ...) stays bytes and is never looked at, so nothing is ever unpickled.
+through `images.decode_image`, `txt` as UTF-8, `emb.f32` as raw float32, `json` as JSON (what
+`inpaint shards` recorded: the file name and size `inpaint eval` matches masks by). Any other
+member (`.pkl`, `.pth`, ...) stays bytes and is never looked at, so nothing is ever unpickled.
 
 Training (`train_loader`) is infinite: each (rank, worker) draws shards with replacement from its
 own seeded stream (webdataset's `ResampledShards`), so every rank always has a next batch and
@@ -17,6 +18,7 @@ fewer shards than that, samples are (every process reads all shards and keeps it
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
@@ -254,6 +256,16 @@ def fit_to_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
     return image
 
 
+def _recorded_info(raw: dict[str, Any]) -> dict[str, Any]:
+    """The json `inpaint shards` records for a sample (source file name, original size, ...),
+    or {}: the member is optional and, in a foreign shard, may hold anything."""
+    try:
+        info = json.loads(raw["json"])
+    except (KeyError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def decode_sample(raw: dict[str, Any], resolution: int, background) -> dict[str, Any]:
     """Decode one raw sample with our handlers; InpaintError names the sample and the problem."""
     name = f"{raw['__url__']} {raw['__key__']}"
@@ -269,6 +281,7 @@ def decode_sample(raw: dict[str, Any], resolution: int, background) -> dict[str,
         raise InpaintError(f"{name}: caption is not UTF-8 text", exit_code=1) from None
     sample = {"key": raw["__key__"], "image": fit_to_resolution(image, resolution)}
     sample["caption"] = caption
+    sample["info"] = _recorded_info(raw)
     if "emb.f32" in raw:
         data = raw["emb.f32"]
         embedding = np.frombuffer(data, dtype="<f4") if len(data) % 4 == 0 else None
@@ -285,6 +298,7 @@ def _collate(samples: list[dict[str, Any]], masks: list[np.ndarray]) -> dict[str
         "mask": torch.from_numpy(np.stack(masks)[:, None].astype(np.float32)),
         "caption": [sample["caption"] for sample in samples],
         "key": [sample["key"] for sample in samples],
+        "info": [sample["info"] for sample in samples],
     }
     embeddings = [sample.get("embedding") for sample in samples]
     if all(e is not None for e in embeddings) and len({e.shape for e in embeddings}) == 1:

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,6 +35,7 @@ MODEL_ONE = "model, 1 sample"
 # What `inpaint run` writes for one fill by default: the prior's mean latents, no noise.
 MODEL_ONE_FILL = f"model, fill at T={ONE_FILL_TEMPERATURE:g}"
 SHOWN_SAMPLES = 4
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # what data.py reads
 BOUNDS_NOTE = (
     "Both hole NLL figures are upper bounds on the true negative log-likelihood: the negative "
     "ELBO (K=1) and the importance-weighted bound with K samples (tighter)."
@@ -173,22 +175,25 @@ def _fit_to_resolution(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The shard loader's resize-and-centre-crop for the image; the same geometry, nearest
     neighbour, for its mask."""
-    from PIL import Image
-
     from inpaint_cli.data import fit_to_resolution
 
     fitted = fit_to_resolution(image, resolution)
-    if mask is None:
-        return fitted, None
+    return fitted, None if mask is None else _fit_mask(mask, resolution)
+
+
+def _fit_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """A mask of the original image's size through the image's resize and centre crop."""
+    from PIL import Image
+
     height, width = mask.shape
     if (height, width) == (resolution, resolution):
-        return fitted, mask
+        return mask
     scale = resolution / min(height, width)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
     box = (left, top, left + resolution, top + resolution)
-    return fitted, np.asarray(resized.crop(box)) >= 128
+    return np.asarray(resized.crop(box)) >= 128
 
 
 class _MaskFolder:
@@ -200,12 +205,18 @@ class _MaskFolder:
         self.root = root
         self.finder = MaskFinder(root)
 
-    def load(self, name: str, stem: str, width: int, height: int) -> np.ndarray:
+    def load(
+        self, name: str, stem: str, width: int, height: int, fallback: tuple[str, str] = ("", "")
+    ) -> np.ndarray:
         """The union of the holes of the masks for `name` (an image's relative path or a shard
-        key, whose last part is `stem`), resized (nearest) to width x height."""
+        key, whose last part is `stem`), else for the `fallback` (name, stem), resized (nearest)
+        to width x height."""
         from inpaint_cli.images import load_mask
 
-        paths = self.finder.find_stem(PurePosixPath(name).parent.as_posix(), stem)
+        paths = []
+        for each_name, each_stem in ((name, stem), fallback):
+            if each_stem and not paths:
+                paths = self.finder.find_stem(PurePosixPath(each_name).parent.as_posix(), each_stem)
         if not paths:
             raise InpaintError(f"{name}: no mask found in {self.root}", exit_code=1)
         hole = np.zeros((height, width), dtype=bool)
@@ -233,18 +244,27 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
     from inpaint_cli.shards import folder_items
 
     root = Path(options.data)
+    left_out = [0]  # images folder_items leaves out (a caption that is not UTF-8)
+
+    def leave_out(name: str, problem: str) -> None:
+        left_out[0] += 1
+        warn(f"{name}: {problem}")
+
     # Read exactly as `inpaint shards` reads a folder: metadata.jsonl/csv, else sidecar .txt.
-    sources = folder_items(root, "text", None, lambda name, problem: warn(f"{name}: {problem}"))
+    sources = folder_items(
+        root, "text", None, leave_out, lambda name, problem: warn(f"{name}: {problem}")
+    )
     if not sources:
         raise InpaintError(f"{root}: no images found", exit_code=2)
-    if options.limit:
-        sources = sources[: options.limit]
     mask_folder = None if options.masks in MASK_KINDS else _MaskFolder(Path(options.masks))
     skipped = [0]
 
     def items() -> Iterator[EvalItem]:
-        skipped[0] = 0
+        skipped[0], count = 0, 0
         for source in sources:
+            # --limit counts images that decoded (as for shards), so the list is not cut before
+            if options.limit and count >= options.limit:
+                return
             relative = source.info["source"]
             try:
                 image = image_to_rgb_uint8(decode_image(source.read_image(), source.name))
@@ -265,8 +285,10 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
                 rng = np.random.default_rng(stable_seed(options.seed, relative))
                 mask = make_mask(options.masks, resolution, resolution, rng, options.hole_area)
             yield EvalItem(relative, image, mask, source.caption or "")
+            count += 1
 
-    return _Source(str(root), items, len(sources), lambda: skipped[0])
+    total = min(len(sources), options.limit or len(sources))
+    return _Source(str(root), items, total, lambda: left_out[0] + skipped[0])
 
 
 def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
@@ -282,6 +304,39 @@ def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def _shard_mask(
+    mask_folder: _MaskFolder, key: str, info: dict[str, Any], resolution: int
+) -> np.ndarray:
+    """A shard sample's mask, found by the relative file name `inpaint shards` recorded as its
+    `source` (else by the sample's key) and fitted as the image was, from its recorded size."""
+    from PIL import Image
+
+    from inpaint_cli.images import IMAGE_EXTENSIONS
+    from inpaint_cli.shards import relative_name
+
+    by_key = (key, PurePosixPath(key).name)
+    name = relative_name(info.get("source"))
+    # Rows of datasets and parquet record "<file> row <n>", not an image's file name.
+    is_file_name = name is not None and PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+    first = (name, PurePosixPath(name).stem) if is_file_name else by_key
+    width, height = info.get("width"), info.get("height")
+    limit = Image.MAX_IMAGE_PIXELS or 1 << 30
+    if not all(isinstance(side, int) and side > 0 for side in (width, height)) or (
+        width * height > limit
+    ):
+        width = height = resolution  # no believable size recorded: the mask spans the square
+    return _fit_mask(mask_folder.load(*first, width, height, fallback=by_key), resolution)
+
+
+def _may_be_shard(path: str) -> bool:
+    """False for a local file that is no tar, an image say. A damaged `.tar` still counts as a
+    shard: the loader reads it as far as it goes and counts it, as for training."""
+    try:
+        return path.endswith(_SHARD_SUFFIXES) or tarfile.is_tarfile(path)
+    except OSError:
+        return True  # unreadable: the loader's warning names the problem
+
+
 def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
     from inpaint_cli import data
 
@@ -294,6 +349,9 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
     if not urls or missing:
         shown = missing[0] if missing else options.data
         raise InpaintError(f"{shown}: no such image folder or shard file", exit_code=2)
+    for url in local:
+        if not _may_be_shard(url):
+            raise InpaintError(f"{url}: not a shard (tar file) nor an image folder", exit_code=2)
     generated = options.masks in MASK_KINDS
     mask_folder = None if generated else _MaskFolder(Path(options.masks))
     skipped = [0]
@@ -320,8 +378,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
                 mask = masks[index]
                 if mask_folder is not None:
                     try:
-                        stem = PurePosixPath(key).name
-                        mask = mask_folder.load(key, stem, resolution, resolution)
+                        mask = _shard_mask(mask_folder, key, batch["info"][index], resolution)
                     except InpaintError as error:
                         warn(str(error))
                         skipped[0] += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +27,39 @@ GRID_TEMPERATURE = 0.8
 GRID_SEED = 0
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL log, skipping a line cut short by a killed process.
 
     A resumed run starts again from its last checkpoint, so what a killed process logged after
     that checkpoint is superseded: a step at or before the last one read drops those records,
-    and the curves show the run that survived rather than a zigzag.
+    and the curves show the run that survived rather than a zigzag. Other unreadable lines
+    (not UTF-8, not JSON) are skipped too, with one warning for the file.
     """
     if not path.exists():
         return []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as error:
+        raise InpaintError(f"{path}: cannot read ({error.strerror or error})", 1) from None
     records: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    bad = 0
+    for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError
+        except (ValueError, RecursionError):
+            if number < len(lines) and line.strip():  # a kill cuts the last line: not news
+                bad += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             while records and records[-1]["step"] >= record["step"]:
                 records.pop()
             records.append(record)
+    if bad:
+        _warn(f"{path}: {bad} unreadable line{'s' * (bad > 1)} skipped")
     return records
 
 
@@ -258,7 +273,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "plots"
     if not run_dir.is_dir():
-        raise InpaintError(f"{run_dir}: no such run folder")
+        problem = "not a run folder" if run_dir.exists() else "no such run folder"
+        raise InpaintError(f"{run_dir}: {problem}")
     train = read_jsonl(run_dir / "train.jsonl")
     if not train:
         raise InpaintError(f"{run_dir}: no train.jsonl records (not an `inpaint train` run?)")
@@ -267,8 +283,12 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     if (run_dir / "run.json").is_file():
         try:
             run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             raise InpaintError(f"{run_dir / 'run.json'}: unreadable ({error})", 1) from None
+        if not isinstance(run, dict) or not all(
+            isinstance(run.get(key, {}), dict) for key in ("config", "model_config")
+        ):
+            raise InpaintError(f"{run_dir / 'run.json'}: not a run record of `inpaint train`", 1)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -283,8 +303,11 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
         plot_kl(train, val, labels, out / "kl_per_layer.png")
         written.append(out / "kl_per_layer.png")
     if (run_dir / "model").is_dir() and run.get("config"):
-        plot_samples(run_dir, run, out / "samples.png")
-        written.append(out / "samples.png")
+        try:
+            plot_samples(run_dir, run, out / "samples.png")
+            written.append(out / "samples.png")
+        except InpaintError as error:  # a damaged model or missing shards: the curves still count
+            _warn(f"{error}; sample grid skipped")
     else:
-        print(f"warning: {run_dir}: no exported model or run.json; sample grid skipped")
+        _warn(f"{run_dir}: no exported model or run.json; sample grid skipped")
     return written

@@ -638,7 +638,7 @@ def run_folder(options: RunOptions) -> dict:
 
     if options.caption_strength is not None and caption_dim == 0 and is_main:
         log.line(f"warning: {model_dir}: the model has no text path; --caption-strength ignored")
-    strength = run_plan.caption_strength(options, config, model_dir) if captioned else None
+    strength = run_plan.caption_strength(options, config) if captioned else None
     encoder_record = config.get("text_encoder") if captioned else None
     settings = run_plan.output_settings(options, model_dir, masks, encoder_record, strength)
     earlier = run_plan.check_manifest(out, settings, options.overwrite)

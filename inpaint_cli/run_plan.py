@@ -406,18 +406,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def caption_strength(options: RunOptions, config: dict, model_dir: Path) -> float:
-    """The caption strength a run uses: --caption-strength, else the model config's (else 1)."""
+def caption_strength(options: RunOptions, config: dict) -> float:
+    """The caption strength a run uses: --caption-strength, else the model config's (else 1);
+    read_model_config has validated the config."""
     if options.caption_strength is not None:
         return float(options.caption_strength)
-    value = config.get("caption_strength", 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
-        raise InpaintError(
-            f"{model_dir / 'config.json'}: caption_strength must be a number in 0..4, "
-            f"got {value!r}",
-            exit_code=2,
-        )
-    return float(value)
+    return float(config.get("caption_strength", 1.0))
 
 
 def output_settings(
@@ -506,6 +500,12 @@ def read_model_config(model_dir: Path) -> dict:
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
+        raise InpaintError(f"{config_path}: invalid model config ({error})", exit_code=2) from None
+    from model.hvae import HVAEConfig  # torch: run loads it next anyway
+
+    try:  # validated up front: later planning reads fields such as caption_dim
+        HVAEConfig.from_dict(config)
+    except (TypeError, ValueError) as error:
         raise InpaintError(f"{config_path}: invalid model config ({error})", exit_code=2) from None
     if not (model_dir / "model.safetensors").is_file():
         raise InpaintError(f"{model_dir}: not a model folder (no model.safetensors)", exit_code=2)

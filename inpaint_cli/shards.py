@@ -109,7 +109,7 @@ def _caption_text(value: Any) -> str | None:
 # ---------------------------------------------------------------- image folders
 
 
-def _relative_name(file_name: Any) -> str | None:
+def relative_name(file_name: Any) -> str | None:
     """A metadata file_name as a clean relative path, or None when it tries to leave the folder."""
     if not isinstance(file_name, str) or not file_name:
         return None
@@ -121,7 +121,9 @@ def _relative_name(file_name: Any) -> str | None:
 
 def _metadata_rows(path: Path, warn: Warn) -> Iterator[dict[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a file saved with a byte-order mark (Excel, Notepad) would otherwise name
+        # its first column "\ufefffile_name" and lose every caption.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
     if path.suffix == ".csv":
@@ -146,7 +148,7 @@ def _folder_metadata(root: Path, images: set[Path], warn: Warn) -> dict[Path, di
     for name in METADATA_NAMES:
         for meta_path in sorted(root.rglob(name)):
             for row in _metadata_rows(meta_path, warn):
-                relative = _relative_name(row.get("file_name"))
+                relative = relative_name(row.get("file_name"))
                 image = meta_path.parent / relative if relative else None
                 if image is None or image not in images:
                     shown = repr(row.get("file_name"))
@@ -161,17 +163,23 @@ def _read_sidecar(path: Path) -> str | None:
     if not sidecar.is_file():
         return None
     try:
-        return sidecar.read_bytes().decode("utf-8").strip()
+        return sidecar.read_bytes().decode("utf-8-sig").strip()  # -sig: as metadata files
     except UnicodeDecodeError:
         raise InpaintError(f"{sidecar}: caption is not UTF-8 text", exit_code=1) from None
     except OSError as error:
         raise InpaintError(f"{sidecar}: cannot read ({error.strerror})", exit_code=1) from None
 
 
-def folder_items(root: Path, text_column: str, split_by: str | None, warn: Warn):
-    """Items of an image folder, captions from metadata, else sidecar .txt, else none."""
+def folder_items(
+    root: Path, text_column: str, split_by: str | None, warn: Warn, warn_metadata: Warn
+):
+    """Items of an image folder, captions from metadata, else sidecar .txt, else none.
+
+    `warn` is called for each image left out, `warn_metadata` for each metadata line or row
+    that is ignored (it leaves no image out, so callers count the two apart).
+    """
     paths = list_images(root)
-    metadata = _folder_metadata(root, set(paths), warn)
+    metadata = _folder_metadata(root, set(paths), warn_metadata)
     if split_by and not any(split_by in row for row in metadata.values()):
         raise InpaintError(
             f"--split-by {split_by}: no such column in {root}'s metadata", exit_code=2
@@ -385,7 +393,9 @@ def _prepare_output(out: Path, src: Path, splits: list[tuple[str, float]]) -> No
             stale.unlink()  # left by an interrupted run of ours
 
 
-def _source_items(src, image_column, text_column, split_by, warn) -> Iterable[SourceItem]:
+def _source_items(
+    src, image_column, text_column, split_by, warn, warn_metadata
+) -> Iterable[SourceItem]:
     if not src.exists():
         raise InpaintError(f"{src}: no such file or folder", exit_code=2)
     if src.is_file() and src.suffix == ".parquet":
@@ -396,7 +406,7 @@ def _source_items(src, image_column, text_column, split_by, warn) -> Iterable[So
         )
     if (src / "dataset_dict.json").is_file() or (src / "state.json").is_file():
         return dataset_items(src, image_column, text_column, split_by)
-    items = folder_items(src, text_column, split_by, warn)
+    items = folder_items(src, text_column, split_by, warn, warn_metadata)
     if not items and any(src.rglob("*.parquet")):
         return parquet_items(src, image_column, text_column, split_by)
     if not items:
@@ -440,7 +450,8 @@ def write_shards(
 ) -> dict[str, Any]:
     """Write `<out>/<split>-NNNNNN.tar` shards and `<out>/shards.json`; return the summary.
 
-    Bad files are skipped with one warning line each and counted in `skipped`.
+    Bad files are skipped with one warning line each and counted in `skipped`; ignored
+    metadata lines are warned about too, and counted apart in `metadata_skipped`.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -450,15 +461,20 @@ def write_shards(
     if max_count < 1 or max_size < 1:
         raise InpaintError("--max-count and --max-size must be at least 1", exit_code=2)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    skipped = 0
+    counts = {"skipped": 0, "metadata_skipped": 0}
 
-    def warn(name: str, problem: str) -> None:
-        nonlocal skipped
-        skipped += 1
-        message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
-        console.print(f"warning: {message}", markup=False)
+    def warner(count: str) -> Warn:
+        def warn(name: str, problem: str) -> None:
+            counts[count] += 1
+            message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
+            console.print(f"warning: {message}", markup=False)
 
-    items = _source_items(src, image_column, text_column, split_by, warn)
+        return warn
+
+    warn = warner("skipped")
+    items = _source_items(
+        src, image_column, text_column, split_by, warn, warner("metadata_skipped")
+    )
     _prepare_output(out, src, split_fractions)
     encoder = _load_encoder(text_encoder) if embed_captions else None
     writers = {name: _SplitWriter(out, name, max_count, max_size) for name, _ in split_fractions}
@@ -507,7 +523,7 @@ def write_shards(
             }
             for name, writer in writers.items()
         },
-        "skipped": skipped,
+        **counts,
         "text_encoder": encoder.identity() if encoder is not None else None,
     }
     atomic_write_bytes(out / "shards.json", json.dumps(summary, indent=2).encode("utf-8"))
@@ -527,4 +543,6 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
             f"--data {shlex.quote(split['pattern'])}"
         )
     lines.append(f"skipped: {summary['skipped']} bad files")
+    if summary.get("metadata_skipped"):
+        lines.append(f"ignored: {summary['metadata_skipped']} metadata lines (see the warnings)")
     return lines

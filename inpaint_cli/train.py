@@ -649,6 +649,21 @@ def save_checkpoint(
     return final
 
 
+def _check_skip_rule(folder: Path, state: dict[str, Any]) -> None:
+    """A checkpoint whose skip-rule history is not a list of finite numbers is passed over on
+    resume, like one with a malformed step, rather than failing the resume halfway."""
+    rule = state.get("skip_rule")
+    history = rule.get("history") if isinstance(rule, dict) else None
+    try:
+        usable = isinstance(history, list) and all(
+            type(value) in (int, float) and math.isfinite(value) for value in history
+        )
+    except OverflowError:  # an integer too large for a float
+        usable = False
+    if not usable:
+        raise InpaintError(f"{folder / ckpt.STATE_FILE}: malformed skip_rule", exit_code=1)
+
+
 def load_checkpoint(
     folder: Path,
     accelerator: Any,
@@ -736,7 +751,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
         raise InpaintError(
             f"{run_dir}: already holds checkpoints; pass --resume or use a new --out"
         )
-    resume_from = ckpt.newest_complete(run_dir) if config.resume else None
+    resume_from = ckpt.newest_complete(run_dir, _check_skip_rule) if config.resume else None
     if config.resume and resume_from is None:
         accelerator.print(f"{run_dir}: no complete checkpoint yet, starting from scratch")
     if resume_from is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import pickle
 import tarfile
 
@@ -199,6 +200,19 @@ def test_embeddings_come_out_as_float32(tmp_path, write_tar, png_sample) -> None
     expected = torch.from_numpy(np.stack([vectors[i] for i in range(3)]))
     assert batch["caption_embedding"].dtype == torch.float32
     assert torch.equal(batch["caption_embedding"], expected)
+
+
+def test_the_recorded_json_comes_out_and_a_bad_one_is_ignored(tmp_path, write_tar, png_sample):
+    recorded = {"source": "sub/cat.png", "width": 24, "height": 20}
+    more = {
+        0: [("json", json.dumps(recorded).encode())],
+        1: [("json", b"\xff not json")],
+        2: [("json", b"[1, 2]")],
+    }
+    shard = shard_of(write_tar, png_sample, tmp_path / "json.tar", range(4), more=more)
+    (batch,) = list(eval_loader(shard, 8, 4))
+    assert batch["key"] == ["s0000", "s0001", "s0002", "s0003"]
+    assert batch["info"] == [recorded, {}, {}, {}]  # the samples themselves are all kept
 
 
 # ---------------------------------------------------------------- pixels

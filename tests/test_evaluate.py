@@ -425,3 +425,60 @@ def test_one_sample_reports_no_mean_best_diversity_or_iwae(
     assert result["diversity"] is None and result["nll"]["iwae_bits_per_dim"] is None
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["images"] == 2 and saved["nll"]["negative_elbo_bits_per_dim"] > 0
+
+
+def test_limit_counts_only_images_that_decode(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    (folder / "a_bad.png").write_bytes(b"not a png")  # sorts first
+    result = evaluate(_options(folder, tiny_model, tmp_path / "r", limit=1, samples=1))
+    assert result["images"] == 1 and result["skipped"] == 1
+    assert result["per_image"]["keys"] == ["img0.png"]
+
+
+def test_shard_masks_are_found_by_the_packed_file_name_else_by_the_key(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from inpaint_cli.baselines import BASELINES
+    from inpaint_cli.shards import safe_key, write_shards
+
+    pattern = write_shards(image_folder, tmp_path / "shards")["splits"]["train"]["pattern"]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    hole = np.zeros((20, 24), dtype=np.uint8)  # the images' size, off centre
+    hole[2:10, 1:9] = 255
+    Image.fromarray(hole).save(masks / "img0.png")
+    Image.fromarray(hole).save(masks / "img1_mask.png")
+    results = [
+        evaluate(_options(data, tiny_model, tmp_path / name, masks=str(masks), baselines=True))
+        for name, data in (("folder", image_folder), ("shards", pattern))
+    ]
+    assert [result["images"] for result in results] == [2, 2]
+    assert [result["skipped"] for result in results] == [4, 4]
+    # the same holes in the same places: the deterministic fills score the same
+    for name in BASELINES:
+        assert results[1]["methods"][name] == pytest.approx(results[0]["methods"][name])
+    # a mask named after the sample's key (shards from elsewhere record no file name) still fits
+    Image.fromarray(hole).save(masks / f"{safe_key('img2', 'img2.png')}.png")
+    result = evaluate(_options(pattern, tiny_model, tmp_path / "keys", masks=str(masks)))
+    assert result["images"] == 3
+
+
+def test_an_image_file_is_not_taken_for_a_shard(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    options = _options(image_folder / "img0.png", tiny_model, tmp_path / "r")
+    with pytest.raises(InpaintError) as error:
+        evaluate(options)
+    assert error.value.exit_code == 2
+    assert (
+        str(error.value)
+        == f"{image_folder / 'img0.png'}: not a shard (tar file) nor an image folder"
+    )
+    assert not (tmp_path / "r").exists()

@@ -109,3 +109,56 @@ def test_layer_labels_follow_the_top_down_order():
     config = {"latent_groups": {"8": 1, "1": 1, "4": 2}}
     assert layer_labels(config, 4) == ["1x1 #1", "4x4 #1", "4x4 #2", "8x8 #1"]
     assert layer_labels(config, 3) == ["layer 0", "layer 1", "layer 2"]
+
+
+def _report_lines(*arguments: str) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(app, ["report", *arguments])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )  # never a traceback
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_damaged_run_files_give_one_line_errors(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.jsonl").write_bytes(b"\xff\xfe")
+    assert _report_lines(str(run)) == (
+        2,
+        [f"error: {run}: no train.jsonl records (not an `inpaint train` run?)"],
+    )
+    (run / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "run.json").write_text("[]")
+    assert _report_lines(str(run)) == (
+        1,
+        [f"error: {run / 'run.json'}: not a run record of `inpaint train`"],
+    )
+    image = tmp_path / "file.png"
+    Image.new("RGB", (4, 4)).save(image)
+    assert _report_lines(str(image)) == (2, [f"error: {image}: not a run folder"])
+
+
+def test_undecodable_log_lines_are_skipped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    good = [json.dumps({"step": step, "loss": 1.0}).encode() for step in (1, 2)]
+    path.write_bytes(good[0] + b"\n\xff\xfe\n" + good[1] + b"\n")
+    assert [record["step"] for record in read_jsonl(path)] == [1, 2]
+    assert capsys.readouterr().err == f"warning: {path}: 1 unreadable line skipped\n"
+
+
+def test_a_damaged_model_skips_only_the_sample_grid(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "model" / "model.safetensors").write_bytes(b"\0" * 64)
+    code, lines = _report_lines(str(run), "--out", str(tmp_path / "plots"))
+    assert code == 0
+    assert lines[:2] == [
+        str(tmp_path / "plots" / name) for name in ("loss.png", "kl_per_layer.png")
+    ]
+    assert len(lines) == 3 and lines[2].startswith(
+        f"warning: {run / 'model' / 'model.safetensors'}"
+    )
+    assert lines[2].endswith("; sample grid skipped")
+    assert not (tmp_path / "plots" / "samples.png").exists()

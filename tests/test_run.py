@@ -642,8 +642,16 @@ def test_caption_strength_from_the_model_config_or_the_flag(tmp_path, default_en
     result = invoke(images, "--masks", masks, "--out", tmp_path / "bad", "--model", model,
                     "--caption", "a red apple")  # fmt: skip
     assert result.exit_code == 2
-    assert "config.json: caption_strength must be a number" in result.stderr
+    assert "config.json: invalid model config (caption_strength must be a number" in result.stderr
     assert "Traceback" not in result.output
+    # every field is checked before planning reads any of them
+    (model / "config.json").write_text(json.dumps({**config, "caption_dim": "abc"}))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "bad", "--model", model,
+                    "--caption", "a red apple")  # fmt: skip
+    assert result.exit_code == 2 and "config.json: invalid model config (caption_dim" in (
+        result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_caption_model_refuses_another_text_encoder(tmp_path, default_encoder_identity):

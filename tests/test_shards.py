@@ -198,7 +198,8 @@ def test_names_never_become_paths(tmp_path, make_image_folder) -> None:
         handle.write(json.dumps({"file_name": "../outside.png", "text": "escape"}) + "\n")
         handle.write(json.dumps({"file_name": "/etc/passwd", "text": "absolute"}) + "\n")
     summary = write_shards(tmp_path / "src", tmp_path / "out")
-    assert summary["skipped"] == 2 and summary["splits"]["train"]["count"] == 3
+    assert summary["metadata_skipped"] == 2 and summary["skipped"] == 0
+    assert summary["splits"]["train"]["count"] == 3
     for name in members(tmp_path / "out"):
         assert re.fullmatch(r"[A-Za-z0-9_-]+\.(png|txt|json)", name), name
     captions = []
@@ -368,3 +369,50 @@ def test_non_png_images_are_reencoded_and_jpeg_kept(tmp_path, png_sample) -> Non
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         stored = next(n for n in tar.getnames() if n.endswith(".jpg"))
         assert tar.extractfile(stored).read() == jpeg.getvalue()  # bytes kept as they were
+
+
+def test_exit_code_is_1_when_files_are_skipped_and_metadata_lines_count_apart(
+    tmp_path, make_image_folder
+) -> None:
+    bad = tmp_path / "allbad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"x")
+    (bad / "b.jpg").write_bytes(b"")
+    result = CliRunner().invoke(app, ["shards", str(bad), str(tmp_path / "o1")])
+    assert result.exit_code == 1, result.output
+    assert "train: 0 samples, no shards" in result.output
+    assert "skipped: 2 bad files" in result.output
+
+    src = tmp_path / "src"
+    make_image_folder(src, 2, captions="metadata")
+    with open(src / "metadata.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("not json\n[1, 2]\n" + json.dumps({"file_name": "gone.png"}) + "\n")
+    summary = write_shards(src, tmp_path / "o2")
+    assert summary["skipped"] == 0 and summary["metadata_skipped"] == 3
+    result = CliRunner().invoke(app, ["shards", str(src), str(tmp_path / "o3")])
+    assert result.exit_code == 0, result.output  # every image was packed
+    assert "skipped: 0 bad files" in result.output
+    assert "ignored: 3 metadata lines" in result.output
+
+    (src / "cut.png").write_bytes((src / "img_0.png").read_bytes()[:20])
+    result = CliRunner().invoke(app, ["shards", str(src), str(tmp_path / "o4")])
+    assert result.exit_code == 1, result.output
+    assert "skipped: 1 bad files" in result.output  # not 4: metadata lines are not files
+    assert "train: 2 samples in 1 shard" in result.output  # the good ones are still written
+    assert (tmp_path / "o4" / "train-000000.tar").is_file()
+
+
+@pytest.mark.parametrize("captions", ["metadata", "csv", "sidecar"])
+def test_captions_saved_with_a_byte_order_mark_are_read(
+    tmp_path, make_image_folder, index_of, captions, capsys
+) -> None:
+    rows = make_image_folder(tmp_path / "src", 3, captions=captions)
+    for path in (tmp_path / "src").glob("*.*"):
+        if path.suffix in (".jsonl", ".csv", ".txt"):  # as Excel or Notepad save them
+            path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert "warning" not in capsys.readouterr().err
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    assert {index: sample["caption"] for index, sample in found.items()} == {
+        index: rows[f"img_{index}.png"]["text"] for index in range(3)
+    }

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typer.testing import CliRunner
 
 from inpaint_cli import checkpoint as ckpt
 from inpaint_cli.app import app
-from inpaint_cli.checkpoint import export_model
+from inpaint_cli.checkpoint import CHECKPOINTS, export_model
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.train import (
     SkipRule,
@@ -341,6 +342,25 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, shards):
     out = tmp_path / "run"
     summary = train(tiny(shards, out, steps=3, resume=True))
     assert summary["start_step"] == 0 and summary["steps"] == 3
+
+
+def test_resume_skips_a_checkpoint_with_a_malformed_skip_rule(tmp_path, shards, capsys):
+    # as one with a malformed step: named in a warning and passed over for the older one
+    config = tiny(shards, tmp_path / "run", steps=4, checkpoint_every=2)
+    train(config)
+    state_path = tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["skip_rule"] = {"history": "x"}
+    state_path.write_text(json.dumps(state))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    summary = train(replace(config, resume=True))
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    warning = f"warning: skipping checkpoint {state_path}: malformed skip_rule"
+    assert warning in capsys.readouterr().out.splitlines()
 
 
 def test_injected_inf_gradient_and_spike_are_skipped_and_counted(tmp_path, shards):
@@ -674,6 +694,76 @@ def test_export_turns_any_checkpoint_into_a_model_folder(tmp_path, shards):
     assert (tmp_path / "cli" / "config.json").is_file()
     result = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no checkpoints" in result.output
+
+
+def test_export_never_overwrites_a_checkpoint_or_other_files(tmp_path, shards):
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=2, checkpoint_every=1))
+    step2 = out / CHECKPOINTS / ckpt.checkpoint_name(2)
+    elsewhere = tmp_path / "copied-checkpoint"  # a checkpoint outside the run it came from
+    shutil.copytree(step2, elsewhere)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(step2)
+    refused = {
+        step2: "inside the run's checkpoints folder",
+        out / CHECKPOINTS: "inside the run's checkpoints folder",
+        tmp_path / "link": "inside the run's checkpoints folder",
+        elsewhere: "a training checkpoint, not a model folder",
+        notes: "holds files but is not a model folder (no config.json)",
+        notes / "todo.txt": "not a folder",
+    }
+
+    def snapshot() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for target, problem in refused.items():
+        result = CliRunner().invoke(app, ["export", str(out), "--step", "1", "--out", str(target)])
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {target}: {problem}")
+    assert snapshot() == before  # not one byte written anywhere
+
+    # a new or empty folder is fine, and so is exporting again over a model folder
+    (tmp_path / "empty").mkdir()
+    export_model(out, tmp_path / "empty", step=1)
+    assert export_model(out, tmp_path / "empty", step=2) == step2
+    exported = ckpt.read_tensors(tmp_path / "empty" / "model.safetensors")
+    ema = ckpt.read_tensors(step2 / "ema.safetensors")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
+def test_export_checks_the_weights_against_the_config_before_building_the_model(
+    tmp_path, shards, monkeypatch
+):
+    from model.hvae import HVAE
+
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=1, checkpoint_every=1))
+    build = HVAE.__init__
+
+    def meta_only(self, config):
+        # fail instead of allocating: a regression must not take the machine's memory
+        assert torch.empty(0).device.type == "meta", "the model was built for real"
+        build(self, config)
+
+    monkeypatch.setattr(HVAE, "__init__", meta_only)
+    run = json.loads((out / "run.json").read_text())
+    widths = run["model_config"]["widths"]
+    run["model_config"]["widths"] = {size: 4096 for size in widths}  # ~200 GiB of weights
+    run["model_config"]["bottleneck"] = 4.0
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(InpaintError) as caught:
+        export_model(out, tmp_path / "model")
+    assert caught.value.exit_code == 1
+    assert str(caught.value).startswith(
+        f"{out / CHECKPOINTS / ckpt.checkpoint_name(1)}: weights do not fit the run's model "
+        "config: tensor '"
+    )
+    assert "the config needs (16384," in str(caught.value)
+    assert not (tmp_path / "model").exists()
 
 
 def test_fp16_on_cpu_is_refused(tmp_path, shards):
