@@ -332,6 +332,9 @@ def evaluate(
     )
     result = _call(lambda: run_eval(options))
     print_summary(result)
+    if result["skipped"]:  # the report covers the rest; the exit code says it is not all
+        typer.echo(f"warning: {result['skipped']} images skipped (see the warnings)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -358,6 +358,8 @@ def test_derangement_moves_every_item_and_avoids_equal_labels() -> None:
 def test_eval_command_prints_the_summary(
     tiny_model: Path, image_folder: Path, tmp_path: Path
 ) -> None:
+    import shutil
+
     from typer.testing import CliRunner
 
     from inpaint_cli.app import app
@@ -380,6 +382,12 @@ def test_eval_command_prints_the_summary(
     assert area.exit_code == 2 and area.output.strip().splitlines() == [
         "error: --hole-area 0.6-2: expected a range like 0.1-0.5 with 0 < low <= high <= 1"
     ]
+    shutil.copytree(image_folder, tmp_path / "with-bad")
+    (tmp_path / "with-bad" / "bad.png").write_bytes(b"not a png")
+    args[2] = str(tmp_path / "with-bad")
+    partial = runner.invoke(app, [*args, "--out", str(tmp_path / "p")])
+    assert partial.exit_code == 1  # scored the rest, but not everything
+    assert "hole PSNR" in partial.output and "1 images skipped" in partial.output
 
 
 def test_mask_folder_joins_several_named_masks_like_inpaint_run(tmp_path: Path) -> None:
