@@ -211,7 +211,7 @@ def train(
 @app.command()
 def run(
     images: Path = typer.Argument(..., metavar="IMAGES", help="Image file or folder (recursive)."),
-    masks: Path = typer.Option(..., help="Mask folder (same stem or <stem>_mask*.png) or file."),
+    masks: Path = typer.Option(..., help="Mask folder (same stem, or STEM_mask*.png) or file."),
     out: Path = typer.Option(..., help="Output folder."),
     model: Path | None = typer.Option(None, help="Model folder (default: bundled model)."),
     samples: int = typer.Option(1, min=1, help="Completions per image."),
@@ -232,8 +232,8 @@ def run(
     resize_masks: bool = typer.Option(False, help="Resize masks of another size (nearest)."),
     dilate: int = typer.Option(0, min=0, help="Grow holes by this many pixels."),
     overwrite: bool = typer.Option(False, help="Redo existing outputs."),
-    save_mask_overlay: bool = typer.Option(False, help="Write <stem>_overlay.png."),
-    save_uncertainty: bool = typer.Option(False, help="Write <stem>_uncertainty.png."),
+    save_mask_overlay: bool = typer.Option(False, help="Write STEM_overlay.png."),
+    save_uncertainty: bool = typer.Option(False, help="Write STEM_uncertainty.png."),
     grid: Path | None = typer.Option(None, help="Write a contact sheet to this PNG."),
     strict: bool = typer.Option(False, help="Stop at the first failure."),
     dry_run: bool = typer.Option(False, help="List what would be done, do nothing."),

@@ -320,6 +320,13 @@ def plan(
             sidecar = path.with_suffix(".txt")
             item.sidecar = sidecar if sidecar.is_file() else None
         items.append(item)
+    unmatched = sorted(set(file_captions) - {item.rel for item in items})
+    if unmatched and warn is not None:  # e.g. names relative to another folder than IMAGES
+        warn(
+            f"warning: {options.caption_file}: {len(unmatched)} of {len(file_captions)} captions "
+            f"name no image under {root} (first: {unmatched[0]!r}); file_name is relative to "
+            "IMAGES"
+        )
     resolve_name_clashes(items, options, warn)
     protected = {p.resolve() for p in image_set} | {
         m.resolve() for item in items for m in item.masks

@@ -585,6 +585,21 @@ def test_caption_file_with_a_byte_order_mark(name, text, tmp_path):
     assert read_caption_file(path) == {"listed.png": "a red apple"}
 
 
+def test_captions_that_name_no_image_are_warned_about(tmp_path, tiny_model):
+    images, masks = _caption_folder(tmp_path)
+    captions = tmp_path / "captions.jsonl"
+    rows = [
+        {"file_name": "listed.png", "text": "ok"},
+        {"file_name": "images/plain.png", "text": "x"},
+    ]
+    captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--caption-file", captions, "--dry-run")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 captions name no image" in result.stderr
+    assert "'images/plain.png'" in result.stderr
+
+
 def test_model_without_captions_ignores_them_with_one_warning(tmp_path, tiny_model):
     images, masks = _caption_folder(tmp_path)
     result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
