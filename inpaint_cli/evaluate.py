@@ -36,6 +36,12 @@ MODEL_ONE = "model, 1 sample"
 MODEL_ONE_FILL = f"model, fill at T={ONE_FILL_TEMPERATURE:g}"
 SHOWN_SAMPLES = 4
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # what data.py reads
+REPORT_FILES = {
+    "json": "metrics.json",
+    "markdown": "metrics.md",
+    "figure": "examples.png",
+    "html": "index.html",
+}
 BOUNDS_NOTE = (
     "Both hole NLL figures are upper bounds on the true negative log-likelihood: the negative "
     "ELBO (K=1) and the importance-weighted bound with K samples (tighter)."
@@ -337,6 +343,14 @@ def _may_be_shard(path: str) -> bool:
         return True  # unreadable: the loader's warning names the problem
 
 
+def _no_data(url: str) -> InpaintError:
+    from inpaint_cli.data import missing_shard_message
+
+    if any(mark in url for mark in "*?["):  # a glob: say that only brace patterns expand
+        return InpaintError(missing_shard_message(url), exit_code=2)
+    return InpaintError(f"{url}: no such image folder or shard file", exit_code=2)
+
+
 def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
     from inpaint_cli import data
 
@@ -347,8 +361,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
     local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
     missing = [url for url in local if not Path(url).is_file()]
     if not urls or missing:
-        shown = missing[0] if missing else options.data
-        raise InpaintError(f"{shown}: no such image folder or shard file", exit_code=2)
+        raise _no_data(missing[0] if missing else options.data)
     for url in local:
         if not _may_be_shard(url):
             raise InpaintError(f"{url}: not a shard (tar file) nor an image folder", exit_code=2)
@@ -402,7 +415,7 @@ def _open_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Sou
         return _folder_source(options, resolution, warn)
     looks_like_one_path = not any(mark in options.data for mark in ("{", ",", "::", "pipe:"))
     if looks_like_one_path and "://" not in options.data and not Path(options.data).exists():
-        raise InpaintError(f"{options.data}: no such image folder or shard file", exit_code=2)
+        raise _no_data(options.data)
     return _shard_source(options, resolution, warn)
 
 
@@ -979,12 +992,7 @@ def _write_report(result: dict[str, Any], examples: list[_Example], out: Path) -
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InpaintError(f"{out}: cannot create folder ({error.strerror or error})", 1) from None
-    paths = {
-        "json": out / "metrics.json",
-        "markdown": out / "metrics.md",
-        "figure": out / "examples.png",
-        "html": out / "index.html",
-    }
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
     if examples:
         atomic_write_bytes(paths["figure"], examples_png(examples))
     atomic_write_bytes(paths["markdown"], metrics_markdown(result).encode("utf-8"))
@@ -1034,6 +1042,43 @@ def _check_options(options: EvalOptions) -> None:
         )
 
 
+def _holds_a_report(out: Path) -> bool:
+    """Whether `out` holds a report of ours (its metrics.json), whose files may be replaced."""
+    try:
+        record = json.loads((out / REPORT_FILES["json"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"model", "data", "methods", "nll"} <= record.keys()
+
+
+def _check_out(options: EvalOptions) -> None:
+    """Refuse, before any scoring, an --out where the report would replace or mix with the
+    user's files: the data or mask folder or a folder inside one (the report's examples.png
+    would replace an image there), or a folder holding a file named like a report file that
+    no earlier `inpaint eval` wrote. A shard's folder is fine: no shard is named so."""
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise InpaintError(f"{out}: is a file, --out must be a folder", exit_code=2)
+    inputs = [("--data", Path(options.data))]
+    if options.masks not in MASK_KINDS:
+        inputs.append(("--masks", Path(options.masks)))
+    for option, folder in inputs:
+        # as `inpaint shards` refuses an OUT inside SRC (images.make_output_folder)
+        if folder.is_dir() and out.resolve().is_relative_to(folder.resolve()):
+            raise InpaintError(
+                f"{out}: --out is or is inside the {option} folder; the report would replace or "
+                "mix with its files, choose another folder",
+                exit_code=2,
+            )
+    taken = [out / name for name in REPORT_FILES.values() if (out / name).exists()]
+    if taken and not _holds_a_report(out):
+        raise InpaintError(
+            f"{taken[0]}: exists and is not from inpaint eval; choose another --out or move it "
+            "away",
+            exit_code=2,
+        )
+
+
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Score the model (and optionally the baselines and the caption ablation); write the
     report into `options.out` and return what metrics.json holds."""
@@ -1048,7 +1093,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     )
 
     _check_options(options)
-    console = Console(stderr=True)
+    _check_out(options)
+    # soft_wrap: one line per warning even when stderr is not a terminal (rich wraps at 80).
+    console = Console(stderr=True, soft_wrap=True)
     device = _resolve_device(options.device)
     model, model_path = _load_model(options.model, device)
     resolution = int(model.config.resolution)

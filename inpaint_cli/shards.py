@@ -9,6 +9,7 @@ caption, `json` (source, size, format, other metadata columns) and, with embeddi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -32,6 +33,11 @@ from inpaint_cli.images import (
 )
 
 SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+# What the shards of a run of ours are named: `<split>-NNNNNN.tar`.
+SHARD_NAME_RE = re.compile(r"^.+-[0-9]{6}\.tar$")
+# The caption column when none is named: a source without it simply has no captions there
+# (metadata kept for --split-by only, captions in sidecars). A column the user names must exist.
+DEFAULT_TEXT_COLUMN = "text"
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 # Embedding this many captions per text-encoder call keeps memory flat and the model busy.
 _CHUNK = 64
@@ -101,9 +107,27 @@ def _jsonable(value: Any) -> bool:
 
 
 def _caption_text(value: Any) -> str | None:
+    """A caption cell as text: strings as they are, numbers as written; None when empty.
+
+    ValueError for anything else (true, an object, a list): its Python repr ("True",
+    "{'a': 1}") would be stored as if someone had written it as the caption."""
     if value is None or (isinstance(value, float) and value != value):
         return None
-    return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return json.dumps(value)
+    kind = {bool: "a boolean", dict: "an object", list: "a list"}.get(type(value))
+    raise ValueError(f"is {kind or type(value).__name__}, not a caption")
+
+
+def _checked_caption(row: dict[str, Any], column: str, where: str, warn: Warn) -> str | None:
+    """The row's caption, or None with one warning when it is not text (the image is kept)."""
+    try:
+        return _caption_text(row.get(column))
+    except ValueError as error:
+        warn(where, f"{column} {error}; ignored")
+        return None
 
 
 # ---------------------------------------------------------------- image folders
@@ -119,7 +143,8 @@ def relative_name(file_name: Any) -> str | None:
     return name
 
 
-def _metadata_rows(path: Path, warn: Warn) -> Iterator[dict[str, Any]]:
+def _metadata_rows(path: Path, warn: Warn) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of each row: where is "<file> line <n>", as warnings name it."""
     try:
         # utf-8-sig: a file saved with a byte-order mark (Excel, Notepad) would otherwise name
         # its first column "\ufefffile_name" and lose every caption.
@@ -127,7 +152,9 @@ def _metadata_rows(path: Path, warn: Warn) -> Iterator[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as error:
         raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
     if path.suffix == ".csv":
-        yield from csv.DictReader(text.splitlines())
+        reader = csv.DictReader(text.splitlines())
+        for row in reader:
+            yield f"{path} line {reader.line_num}", row
         return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -137,23 +164,30 @@ def _metadata_rows(path: Path, warn: Warn) -> Iterator[dict[str, Any]]:
         except ValueError:
             row = None
         if isinstance(row, dict):
-            yield row
+            yield f"{path} line {number}", row
         else:
             warn(f"{path} line {number}", "not a JSON object")
 
 
-def _folder_metadata(root: Path, images: set[Path], warn: Warn) -> dict[Path, dict[str, Any]]:
-    """Metadata rows keyed by image path; file_name is relative to its metadata file's folder."""
+def _folder_metadata(
+    root: Path, images: set[Path], text_column: str, warn: Warn
+) -> dict[Path, dict[str, Any]]:
+    """Metadata rows keyed by image path; file_name is relative to its metadata file's folder.
+
+    A caption that is not text is warned about and dropped from its row (the image then falls
+    back to its sidecar, as with an empty caption)."""
     rows: dict[Path, dict[str, Any]] = {}
     for name in METADATA_NAMES:
         for meta_path in sorted(root.rglob(name)):
-            for row in _metadata_rows(meta_path, warn):
+            for where, row in _metadata_rows(meta_path, warn):
                 relative = relative_name(row.get("file_name"))
                 image = meta_path.parent / relative if relative else None
                 if image is None or image not in images:
                     shown = repr(row.get("file_name"))
                     warn(f"{meta_path}", f"file_name {shown} is not an image in {root}")
                     continue
+                if text_column in row and image not in rows:
+                    row[text_column] = _checked_caption(row, text_column, where, warn)
                 rows.setdefault(image, row)
     return rows
 
@@ -179,10 +213,15 @@ def folder_items(
     that is ignored (it leaves no image out, so callers count the two apart).
     """
     paths = list_images(root)
-    metadata = _folder_metadata(root, set(paths), warn_metadata)
+    metadata = _folder_metadata(root, set(paths), text_column, warn_metadata)
     if split_by and not any(split_by in row for row in metadata.values()):
         raise InpaintError(
             f"--split-by {split_by}: no such column in {root}'s metadata", exit_code=2
+        )
+    named = text_column != DEFAULT_TEXT_COLUMN
+    if named and metadata and not any(text_column in row for row in metadata.values()):
+        raise InpaintError(
+            f"--text-column {text_column}: no such column in {root}'s metadata", exit_code=2
         )
     items = []
     for path in paths:
@@ -192,7 +231,7 @@ def folder_items(
             warn(str(path), f"no {split_by!r} value in the metadata (needed by --split-by)")
             continue
         try:
-            caption = _caption_text(row.get(text_column)) if text_column in row else None
+            caption = row.get(text_column)  # text or None: _folder_metadata checked it
             caption = caption if caption is not None else _read_sidecar(path)
         except InpaintError as error:
             warn(str(path), str(error))
@@ -229,7 +268,9 @@ def _image_bytes(value: Any) -> bytes:
     raise ValueError(f"the image column holds {type(value).__name__}, not image bytes")
 
 
-def _row_item(row: dict, name: str, key: str, columns: tuple[str, str], split_by: str | None):
+def _row_item(
+    row: dict, name: str, key: str, columns: tuple[str, str], split_by: str | None, warn: Warn
+):
     image_column, text_column = columns
     value = row.get(image_column)
     extra = {k: v for k, v in row.items() if k not in columns and _jsonable(v)}
@@ -238,14 +279,17 @@ def _row_item(row: dict, name: str, key: str, columns: tuple[str, str], split_by
         name=name,
         group=str(row.get(split_by)) if split_by else key,
         read_image=lambda: _image_bytes(value),
-        caption=_caption_text(row.get(text_column)),
+        caption=_checked_caption(row, text_column, name, warn),
         info={"source": name, "metadata": extra},
     )
 
 
-def _check_columns(src: Path, names: Iterable[str], image_column: str, split_by: str | None):
+def _check_columns(src: Path, names: Iterable[str], columns: tuple[str, str], split_by):
     names = list(names)
-    for option, column in (("--image-column", image_column), ("--split-by", split_by)):
+    image_column, text_column = columns
+    named_text = text_column if text_column != DEFAULT_TEXT_COLUMN else None
+    checks = (("--image-column", image_column), ("--text-column", named_text))
+    for option, column in (*checks, ("--split-by", split_by)):
         if column and column not in names:
             raise InpaintError(
                 f"{src}: no column {column!r} for {option} (columns: {', '.join(names)})",
@@ -253,7 +297,7 @@ def _check_columns(src: Path, names: Iterable[str], image_column: str, split_by:
             )
 
 
-def dataset_items(src: Path, image_column: str, text_column: str, split_by: str | None):
+def dataset_items(src: Path, image_column: str, text_column: str, split_by: str | None, warn: Warn):
     """Items of a dataset saved with `save_to_disk` (all of a DatasetDict's splits)."""
     import datasets
 
@@ -263,7 +307,7 @@ def dataset_items(src: Path, image_column: str, text_column: str, split_by: str 
         raise InpaintError(f"{src}: cannot load the saved dataset ({error})", exit_code=1) from None
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
     for part_name, dataset in parts:
-        _check_columns(src, dataset.column_names, image_column, split_by)
+        _check_columns(src, dataset.column_names, (image_column, text_column), split_by)
         if isinstance(dataset.features[image_column], datasets.Image):
             # Raw bytes, decoded later by our own loader rather than by datasets' Pillow call.
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -271,10 +315,10 @@ def dataset_items(src: Path, image_column: str, text_column: str, split_by: str 
         for index, row in enumerate(dataset):
             name = f"{src} {prefix}row {index}"
             key = safe_key(f"{prefix}{index:08d}", name)
-            yield _row_item(row, name, key, (image_column, text_column), split_by)
+            yield _row_item(row, name, key, (image_column, text_column), split_by, warn)
 
 
-def parquet_items(src: Path, image_column: str, text_column: str, split_by: str | None):
+def parquet_items(src: Path, image_column: str, text_column: str, split_by: str | None, warn: Warn):
     """Items of a parquet file or a folder of them (read in batches, in file order)."""
     import pyarrow.parquet as pq
 
@@ -282,13 +326,14 @@ def parquet_items(src: Path, image_column: str, text_column: str, split_by: str 
     for path in files:
         try:
             parquet = pq.ParquetFile(path)
-            _check_columns(path, parquet.schema_arrow.names, image_column, split_by)
+            columns = (image_column, text_column)
+            _check_columns(path, parquet.schema_arrow.names, columns, split_by)
             index = 0
             for batch in parquet.iter_batches(batch_size=256):
                 for row in batch.to_pylist():
                     name = f"{path} row {index}"
                     key = safe_key(f"{path.stem}-{index:08d}", name)
-                    yield _row_item(row, name, key, (image_column, text_column), split_by)
+                    yield _row_item(row, name, key, (image_column, text_column), split_by, warn)
                     index += 1
         except InpaintError:
             raise
@@ -369,8 +414,16 @@ class _SplitWriter:
 
     def abort(self) -> None:
         """Remove everything this writer made, so a failed run leaves no shards behind."""
+        # Close the tar stream before its file: left open, tarfile flushes its buffer into the
+        # closed file when garbage-collected and prints a traceback ("Exception ignored in
+        # _Stream.__del__"). The file is deleted below, so failures to write now do not matter.
+        tar = getattr(self._writer, "tarstream", None)
+        with contextlib.suppress(OSError, ValueError):
+            if tar is not None:
+                tar.close()
         for temp_name, handle in self._handles.items():
-            handle.close()
+            with contextlib.suppress(OSError):  # a full disk fails the buffered flush again
+                handle.close()
             Path(temp_name).unlink(missing_ok=True)
         for shard in self.shards:
             shard.unlink(missing_ok=True)
@@ -383,12 +436,17 @@ class _SplitWriter:
 
 def _prepare_output(out: Path, src: Path, splits: list[tuple[str, float]]) -> None:
     make_output_folder(out, src)
+    # Any earlier shards, not only those of the splits asked for now: a new split named
+    # otherwise would hold the same images (leaking them between splits), and shards.json
+    # would describe only the new run.
+    found = sorted(p.name for p in out.iterdir() if SHARD_NAME_RE.match(p.name))
+    found += ["shards.json"] if (out / "shards.json").exists() else []
+    if found:
+        raise InpaintError(
+            f"{out}: already holds shards ({found[0]}); remove them or choose another folder",
+            exit_code=2,
+        )
     for name, _ in splits:
-        if any(out.glob(f"{name}-*.tar")):
-            raise InpaintError(
-                f"{out}: already holds {name}-*.tar shards; remove them or choose another folder",
-                exit_code=2,
-            )
         for stale in out.glob(f".{name}-*.tar.tmp"):
             stale.unlink()  # left by an interrupted run of ours
 
@@ -399,16 +457,16 @@ def _source_items(
     if not src.exists():
         raise InpaintError(f"{src}: no such file or folder", exit_code=2)
     if src.is_file() and src.suffix == ".parquet":
-        return parquet_items(src, image_column, text_column, split_by)
+        return parquet_items(src, image_column, text_column, split_by, warn_metadata)
     if not src.is_dir():
         raise InpaintError(
             f"{src}: expected an image folder, saved dataset or parquet", exit_code=2
         )
     if (src / "dataset_dict.json").is_file() or (src / "state.json").is_file():
-        return dataset_items(src, image_column, text_column, split_by)
+        return dataset_items(src, image_column, text_column, split_by, warn_metadata)
     items = folder_items(src, text_column, split_by, warn, warn_metadata)
     if not items and any(src.rglob("*.parquet")):
-        return parquet_items(src, image_column, text_column, split_by)
+        return parquet_items(src, image_column, text_column, split_by, warn_metadata)
     if not items:
         raise InpaintError(f"{src}: no images found", exit_code=2)
     # Hash order mixes concepts across shards (folders are often sorted by concept).

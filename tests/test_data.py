@@ -84,6 +84,25 @@ def test_missing_shard_is_a_usage_error(tmp_path) -> None:
     assert error.value.exit_code == 2 and "nope-0.tar: no such shard file" in str(error.value)
 
 
+def test_a_folder_or_a_glob_gets_a_hint(tmp_path, five_shards) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with pytest.raises(InpaintError) as error:
+        train_loader(str(folder), 8, 2, seed=0)
+    assert error.value.exit_code == 2
+    assert str(error.value) == (
+        f"{folder}: is a folder, not a shard file; pack it with `inpaint shards {folder} OUT` first"
+    )
+    glob = str(tmp_path / "part-*.tar")  # the shards exist, but * is not expanded
+    with pytest.raises(InpaintError) as error:
+        eval_loader(glob, 8, 2)
+    assert error.value.exit_code == 2
+    assert str(error.value) == (
+        f"{glob}: no such shard file (only brace patterns such as "
+        "train-{000000..000009}.tar are expanded, not * ? [ ])"
+    )
+
+
 def test_pipe_urls_are_read(five_shards) -> None:
     keys = eval_keys([f"pipe:cat {five_shards[0]}"])
     assert keys == ["s0000", "s0001", "s0002"]

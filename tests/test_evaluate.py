@@ -254,6 +254,7 @@ def test_mask_folder_is_matched_by_stem_and_missing_masks_are_skipped(
         ({"data": "no/such/folder.tar"}, "no/such/folder.tar"),
         ({"model": Path("no/such/model")}, "no/such/model"),
         ({"samples": 0}, "--samples"),
+        ({"data": "no/such/test-*.tar"}, "only brace patterns"),
     ],
 )
 def test_bad_options_are_one_line_usage_errors(
@@ -490,3 +491,88 @@ def test_an_image_file_is_not_taken_for_a_shard(
         == f"{image_folder / 'img0.png'}: not a shard (tar file) nor an image folder"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_out_may_not_replace_or_mix_with_the_users_files(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import inpaint_cli.evaluate as evaluate_module
+    from inpaint_cli.app import app
+
+    def no_scoring(*args: object) -> None:
+        raise AssertionError("scored before refusing --out")
+
+    monkeypatch.setattr(evaluate_module, "_score_batch", no_scoring)
+    data = tmp_path / "dl"
+    shutil.copytree(image_folder, data)
+    shutil.copy(data / "img5.png", data / "examples.png")  # a picture of the user's
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    before = {path: path.read_bytes() for path in data.iterdir()}
+    refused = {
+        data: "the --data folder",
+        data / "report": "the --data folder",
+        masks: "the --masks folder",
+        masks / "report": "the --masks folder",
+    }
+    for out, which in refused.items():
+        with pytest.raises(InpaintError) as error:
+            evaluate(_options(data, tiny_model, out, masks=str(masks)))
+        assert error.value.exit_code == 2
+        assert str(error.value) == (
+            f"{out}: --out is or is inside {which}; the report would replace or mix with its "
+            "files, choose another folder"
+        )
+    assert {path: path.read_bytes() for path in data.iterdir()} == before
+    assert not (data / "report").exists() and not (masks / "report").exists()
+    args = ["eval", "--data", str(data), "--model", str(tiny_model), "--out", str(data)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+
+    # A folder holding a file named like a report file is refused unless an earlier
+    # `inpaint eval` wrote it.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.html").write_text("my home page")
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(image_folder, tiny_model, other))
+    assert error.value.exit_code == 2
+    assert str(error.value) == (
+        f"{other / 'index.html'}: exists and is not from inpaint eval; choose another --out "
+        "or move it away"
+    )
+    assert (other / "index.html").read_text() == "my home page"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InpaintError, match="is a file, --out must be a folder"):
+        evaluate(_options(image_folder, tiny_model, tmp_path / "file"))
+
+
+def test_an_earlier_report_is_replaced(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    evaluate(_options(image_folder, tiny_model, out, samples=1, limit=2))
+    evaluate(_options(image_folder, tiny_model, out, samples=1, limit=3))
+    assert json.loads((out / "metrics.json").read_text())["images"] == 3
+
+
+def test_warnings_are_one_line_each_when_stderr_is_not_a_terminal(
+    tiny_model: Path,
+    image_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # rich's width: 80 when not a terminal
+    masks = tmp_path / ("a-mask-folder-with-a-long-name-" * 3)
+    masks.mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("L", (24, 20), 255).save(masks / "img0.png")
+    evaluate(_options(image_folder, tiny_model, tmp_path / "r", masks=str(masks), samples=1))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert f"warning: img1.png: no mask found in {masks}" in warnings
+    assert all(line.startswith("warning: ") for line in warnings)

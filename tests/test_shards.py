@@ -416,3 +416,114 @@ def test_captions_saved_with_a_byte_order_mark_are_read(
     assert {index: sample["caption"] for index, sample in found.items()} == {
         index: rows[f"img_{index}.png"]["text"] for index in range(3)
     }
+
+
+def test_disk_full_midway_prints_the_error_and_nothing_else(tmp_path, monkeypatch) -> None:
+    import errno
+    import gc
+
+    (tmp_path / "src").mkdir()
+    for index in range(9):  # noise: each PNG is larger than tarfile's 10 KiB write buffer
+        Image.effect_noise((64, 64), 50 + index).save(tmp_path / "src" / f"noise_{index}.png")
+
+    class FillingDisk(io.FileIO):
+        """A shard file on a disk with room for 3000 bytes (all shards together)."""
+
+        room = [3000]
+
+        def write(self, data) -> int:
+            if len(data) > self.room[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room[0] -= len(data)
+            return super().write(data)
+
+    monkeypatch.setattr(shards_module, "open", lambda name, mode: FillingDisk(name, "wb"), False)
+    # tarfile's stream left open reports its failed flush through the unraisable hook
+    # ("Exception ignored in: ... _Stream.__del__") when it is garbage-collected.
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(InpaintError) as error:
+        write_shards(tmp_path / "src", tmp_path / "out", max_count=3)
+    assert str(error.value).endswith("cannot write shards (No space left on device)")
+    del error
+    gc.collect()
+    assert unraisable == []
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_text_column_that_is_not_there_is_refused(tmp_path, make_image_folder, png_sample):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    datasets = pytest.importorskip("datasets")
+    make_image_folder(tmp_path / "src", 2, captions="metadata")
+    with pytest.raises(InpaintError) as error:
+        write_shards(tmp_path / "src", tmp_path / "out", text_column="caption")
+    assert error.value.exit_code == 2
+    assert (
+        str(error.value)
+        == f"--text-column caption: no such column in {tmp_path / 'src'}'s metadata"
+    )
+    assert not (tmp_path / "out").exists()
+
+    table = pa.table({"image": [{"bytes": png_sample(0), "path": None}], "text": ["a"]})
+    pq.write_table(table, tmp_path / "one.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+    for src in (tmp_path / "one.parquet", tmp_path / "hf"):
+        with pytest.raises(InpaintError, match="no column 'caption' for --text-column") as error:
+            write_shards(src, tmp_path / "out", text_column="caption")
+        assert error.value.exit_code == 2
+        assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_the_default_text_column_may_be_missing(tmp_path, make_image_folder, index_of) -> None:
+    # Metadata for --split-by only, captions in sidecars: the documented fallback still works.
+    rows = make_image_folder(tmp_path / "src", 3, captions="sidecar", concepts=2)
+    lines = [
+        json.dumps({"file_name": name, "concept": row["concept"]}) for name, row in rows.items()
+    ]
+    (tmp_path / "src" / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = write_shards(tmp_path / "src", tmp_path / "out", split_by="concept")
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    assert {i: s["caption"] for i, s in found.items()} == {
+        i: f"caption number {i}" for i in range(3)
+    }
+
+
+def test_an_out_folder_holding_any_shards_is_refused(tmp_path, make_image_folder) -> None:
+    make_image_folder(tmp_path / "src", 4)
+    first = ["shards", str(tmp_path / "src"), str(tmp_path / "sh"), "--splits", "train=0.5,val=0.5"]
+    assert CliRunner().invoke(app, first).exit_code == 0
+    before = sorted(os.listdir(tmp_path / "sh"))
+    again = CliRunner().invoke(
+        app, ["shards", str(tmp_path / "src"), str(tmp_path / "sh"), "--splits", "test=1"]
+    )
+    assert again.exit_code == 2
+    (line,) = again.output.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'sh'}: already holds shards")
+    assert sorted(os.listdir(tmp_path / "sh")) == before  # no test split leaking the same images
+    (tmp_path / "only-record").mkdir()
+    (tmp_path / "only-record" / "shards.json").write_text("{}")
+    with pytest.raises(InpaintError, match="already holds shards") as error:
+        write_shards(tmp_path / "src", tmp_path / "only-record")
+    assert error.value.exit_code == 2
+
+
+def test_captions_that_are_not_text_are_skipped_with_a_warning(
+    tmp_path, make_image_folder, index_of, capsys
+) -> None:
+    make_image_folder(tmp_path / "src", 6)
+    values = [3, 2.5, True, {"a": 1}, [1], "words"]
+    lines = [json.dumps({"file_name": f"img_{i}.png", "text": v}) for i, v in enumerate(values)]
+    (tmp_path / "src" / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 0 and summary["metadata_skipped"] == 3
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    captions = {index: sample["caption"] for index, sample in found.items()}
+    assert captions == {0: "3", 1: "2.5", 2: "", 3: "", 4: "", 5: "words"}
+    warnings = capsys.readouterr().err.strip().splitlines()
+    metadata = tmp_path / "src" / "metadata.jsonl"
+    assert warnings == [
+        f"warning: {metadata} line {line}: text is {kind}, not a caption; ignored"
+        for line, kind in ((3, "a boolean"), (4, "an object"), (5, "a list"))
+    ]
