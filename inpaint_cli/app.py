@@ -124,7 +124,11 @@ def masks(
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     data: str = typer.Option(..., help="Training shards: brace pattern, list, or pipe: URL."),
-    val_data: str | None = typer.Option(None, help="Validation shards."),
+    val_data: str | None = typer.Option(
+        None,
+        help="Validation shards. If no image decodes, training stops with an error (at the "
+        "start, or after checkpointing the step whose validation failed).",
+    ),
     out: Path = typer.Option(..., help="Run folder (checkpoints, logs, config)."),
     preset: str = typer.Option("small", help="Model preset: tiny, small or base."),
     model_config: list[str] = typer.Option(
@@ -145,7 +149,10 @@ def train(
     val_samples: int = typer.Option(256, min=1, help="Validation images per validation."),
     checkpoint_every: int = typer.Option(500, min=1, help="Checkpoint every K steps."),
     checkpoint_minutes: float = typer.Option(
-        10.0, min=0.0, help="Also checkpoint when this many minutes passed since the last one."
+        10.0,
+        min=0.0,
+        help="Also checkpoint when this many minutes passed since the last one; 0 turns this off "
+        "(--checkpoint-every 1 saves every step).",
     ),
     keep_last: int = typer.Option(3, min=1, help="Checkpoints kept (plus the best)."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16 (fp16 needs a GPU)."),

@@ -10,6 +10,7 @@ reason. Loading verifies every file's size against `state.json` before anything 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -120,14 +121,16 @@ def retire(folder: Path) -> None:
 
 
 def prune(run_dir: Path, keep_last: int) -> list[Path]:
-    """Keep the newest `keep_last` checkpoints and the one with the lowest validation NLL."""
-    checkpoints = list_checkpoints(run_dir)
-    keep = {folder for _, folder in checkpoints[-keep_last:]}
-    best = best_checkpoint(run_dir)
+    """Keep the newest `keep_last` complete checkpoints and the one with the lowest validation
+    NLL. A damaged checkpoint is neither counted nor deleted: it is left for the user to inspect
+    (a resumed run replaces it when it reaches that step again)."""
+    complete = complete_checkpoints(run_dir)
+    keep = {folder for _, folder, _ in complete[-keep_last:]}
+    best = _lowest_val_nll(complete)
     if best is not None:
         keep.add(best)
     removed = []
-    for _, folder in checkpoints:
+    for _, folder, _ in complete:
         if folder not in keep:
             retire(folder)
             removed.append(folder)
@@ -135,12 +138,41 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the lowest finite validation NLL, if any was validated."""
+    return _lowest_val_nll(complete_checkpoints(run_dir))
+
+
+def _lowest_val_nll(complete: list[tuple[int, Path, dict[str, Any]]]) -> Path | None:
     scored = []
-    for step, folder in list_checkpoints(run_dir):
-        value = read_json(folder / STATE_FILE).get("val_nll")
-        if isinstance(value, (int, float)) and np.isfinite(value):
-            scored.append((float(value), step, folder))
+    for step, folder, state in complete:
+        value = state.get("val_nll")
+        # training writes a float (JSON keeps it one); a bool or a huge integer is not a score
+        if type(value) is float and math.isfinite(value):
+            scored.append((value, step, folder))
     return min(scored)[2] if scored else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(step, folder, state) of every checkpoint that verifies, oldest first; damaged ones are
+    named in a warning and passed over, so one bad folder never blocks a scan."""
+    found = []
+    for step, folder in list_checkpoints(run_dir):
+        try:
+            found.append((step, folder, verify(folder)))
+        except InpaintError as error:
+            _warn_skipped(error)
+    return found
+
+
+def _warn_skipped(error: InpaintError) -> None:
+    # Every checkpoint save scans the folder again: name each damaged checkpoint once only.
+    message = f"warning: skipping checkpoint {error}"
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message)
+
+
+_WARNED: set[str] = set()
 
 
 def export_model(
@@ -161,7 +193,10 @@ def export_model(
     if not checkpoints:
         raise InpaintError(f"{run_dir}: no checkpoints (not an `inpaint train` run folder?)")
     if step is None:
-        folder = best_checkpoint(run_dir) or checkpoints[max(checkpoints)]
+        complete = complete_checkpoints(run_dir)  # damaged ones are passed over with a warning
+        if not complete:
+            raise InpaintError(f"{run_dir}: no complete checkpoint (see the warnings)", 1)
+        folder = _lowest_val_nll(complete) or complete[-1][1]
     elif step in checkpoints:
         folder = checkpoints[step]
     else:
@@ -169,7 +204,7 @@ def export_model(
         raise InpaintError(f"{run_dir}: no checkpoint at step {step} (there are: {have})")
     _check_export_target(run_dir, out)
     verify(folder)
-    run = read_json(run_dir / "run.json")
+    run = read_run_record(run_dir)
     try:
         config = dict(run["model_config"])
         if caption_strength is not None:
@@ -200,6 +235,10 @@ def _check_export_target(run_dir: Path, out: Path) -> None:
 
     if out.resolve().is_relative_to((run_dir / CHECKPOINTS).resolve()):
         raise InpaintError(f"{out}: inside the run's checkpoints folder; choose another --out")
+    for own in ("best", "model"):
+        # training writes these two; another step there would pass for the best or newest
+        if out.resolve() == (run_dir / own).resolve():
+            raise InpaintError(f"{out}: the run's own {own}/ folder; choose another --out")
     if (out / STATE_FILE).exists():
         raise InpaintError(
             f"{out}: a training checkpoint, not a model folder; choose another --out"
@@ -230,6 +269,15 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise InpaintError(f"{path}: unreadable ({error})", exit_code=1) from None
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """The run's run.json (written by `inpaint train`), which must be a JSON object."""
+    path = Path(run_dir) / "run.json"
+    run = read_json(path)
+    if not isinstance(run, dict):
+        raise InpaintError(f"{path}: not a run record of `inpaint train`", exit_code=1)
+    return run
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -266,7 +314,7 @@ def newest_complete(
                 check(folder, state)
             return folder, state
         except InpaintError as error:
-            print(f"warning: skipping checkpoint {error}")
+            _warn_skipped(error)
     return None
 
 

@@ -38,6 +38,9 @@ from inpaint_cli.metrics import PSNR_CAP_DB
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 KEYS_RECORDED_PER_RANK = 64
+# --captions on data without a single caption in this many samples (per process) is warned
+# about once: a cheap check that catches shards made without captions
+CAPTION_CHECK_SAMPLES = 256
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TrainConfig:
     val_every: int = 500
     val_samples: int = 256
     checkpoint_every: int = 500
-    checkpoint_minutes: float = 10.0
+    checkpoint_minutes: float = 10.0  # 0: no time-based checkpoints
     keep_last: int = 3
     mixed_precision: str = "no"
     captions: bool = True
@@ -533,6 +536,18 @@ def _caption_inputs(
 # ---- validation ---------------------------------------------------------------------------------
 
 
+def _check_val_data(config: TrainConfig, resolution: int) -> None:
+    """Fail at once, not at the first validation (perhaps hours later), when --val-data holds
+    no decodable image. Reads only up to the first image that decodes."""
+    from inpaint_cli.data import eval_loader, expand_urls
+
+    loader = eval_loader(expand_urls(config.val_data), resolution, 1, background=config.background)
+    if next(iter(loader), None) is None:
+        raise InpaintError(
+            f"--val-data {config.val_data}: no decodable image (see the warnings)", exit_code=1
+        )
+
+
 @torch.no_grad()
 def validate(
     accelerator: Any,
@@ -649,9 +664,10 @@ def save_checkpoint(
     return final
 
 
-def _check_skip_rule(folder: Path, state: dict[str, Any]) -> None:
-    """A checkpoint whose skip-rule history is not a list of finite numbers is passed over on
-    resume, like one with a malformed step, rather than failing the resume halfway."""
+def _check_resumable(folder: Path, state: dict[str, Any]) -> None:
+    """A checkpoint whose skip-rule history is not a list of finite numbers, or whose counters
+    are not numbers, is passed over on resume, like one with a malformed step, rather than
+    failing the resume halfway (or many steps later, at the first skipped update)."""
     rule = state.get("skip_rule")
     history = rule.get("history") if isinstance(rule, dict) else None
     try:
@@ -662,6 +678,19 @@ def _check_skip_rule(folder: Path, state: dict[str, Any]) -> None:
         usable = False
     if not usable:
         raise InpaintError(f"{folder / ckpt.STATE_FILE}: malformed skip_rule", exit_code=1)
+    # restored into the run's state (train()); absent ones keep their defaults
+    kinds = {
+        "skipped_nonfinite": (int,),
+        "skipped_spike": (int,),
+        "data_skipped_samples": (int,),
+        "data_bad_shards": (int,),
+        "train_seconds": (int, float),
+        "best_val_nll": (float, type(None)),
+        "best_step": (int, type(None)),
+    }
+    for key, allowed in kinds.items():
+        if key in state and type(state[key]) not in allowed:
+            raise InpaintError(f"{folder / ckpt.STATE_FILE}: malformed {key}", exit_code=1)
 
 
 def load_checkpoint(
@@ -672,19 +701,27 @@ def load_checkpoint(
     optimizer: Any,
     caption_generator: torch.Generator,
 ) -> None:
+    from model.hvae import weights_mismatch
+
+    network = accelerator.unwrap_model(model)
+    for name, target in (("model.safetensors", network), ("ema.safetensors", ema)):
+        tensors = ckpt.read_tensors(folder / name)
+        # names and shapes compared first: load_state_dict's own error spans many lines
+        shapes = {key: value.shape for key, value in tensors.items()}
+        problem = weights_mismatch(network.config, shapes)
+        if problem:
+            raise InpaintError(
+                f"{folder / name}: does not fit this model (other --preset, --model-config or "
+                f"--captions?): {problem}"
+            )
+        target.load_state_dict(tensors)
     try:
-        accelerator.unwrap_model(model).load_state_dict(
-            ckpt.read_tensors(folder / "model.safetensors")
-        )
-        ema.load_state_dict(ckpt.read_tensors(folder / "ema.safetensors"))
         meta = ckpt.read_json(folder / "optimizer.json")
         tensors = ckpt.read_tensors(folder / "optimizer.safetensors")
         optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta))
-    except (RuntimeError, ValueError, KeyError) as error:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise InpaintError(
-            f"{folder}: does not fit this model (other --preset or --captions?): {first}", 1
-        ) from None
+        raise InpaintError(f"{folder}: unusable optimizer state ({first})", 1) from None
     rows = ckpt.read_tensors(folder / "rng.safetensors")["rows"]
     layout = ckpt.read_json(folder / "rng.json")["layout"]
     rank = accelerator.process_index
@@ -714,7 +751,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
         TimeRemainingColumn,
     )
 
-    from inpaint_cli.data import eval_loader, expand_urls, train_loader
+    from inpaint_cli.data import expand_urls, train_loader
 
     hooks = hooks or TrainHooks()
     mask_kinds, hole_area = _validated(config)
@@ -751,12 +788,22 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
         raise InpaintError(
             f"{run_dir}: already holds checkpoints; pass --resume or use a new --out"
         )
-    resume_from = ckpt.newest_complete(run_dir, _check_skip_rule) if config.resume else None
+    resume_from = ckpt.newest_complete(run_dir, _check_resumable) if config.resume else None
     if config.resume and resume_from is None:
         accelerator.print(f"{run_dir}: no complete checkpoint yet, starting from scratch")
     if resume_from is not None:
         _warn_on_changes(accelerator, resume_from, config, world)
     start_step = resume_from[1]["step"] if resume_from is not None else 0
+    # read before anything changes: a resume appends to the run's record (command lines,
+    # versions), which is not rewritten from scratch behind the user's back when damaged
+    previous_record = None
+    if resume_from is not None and (run_dir / "run.json").exists():
+        try:
+            previous_record = ckpt.read_run_record(run_dir)
+        except InpaintError as error:
+            raise InpaintError(
+                f"{error}; fix it, or remove it to resume with a new one", 1
+            ) from None
 
     # -- data: every rank reads its own shard stream; `start_batch` replays it exactly. Built
     # (and its shards checked) before the slow set-up below, so a typo fails at once.
@@ -774,7 +821,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
         start_batch=start_step * config.grad_accum,
     )
     if config.val_data:
-        eval_loader(expand_urls(config.val_data), resolution, 1)  # checks the shards exist
+        _check_val_data(config, resolution)
     accelerator.wait_for_everyone()  # every rank has read the folder before it changes
     if main:
         try:
@@ -846,13 +893,14 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
             "resumes": [],
         }
         previous = run_dir / "run.json"
-        if resume_from is not None and previous.exists():
-            first = ckpt.read_json(previous)
-            first["resumes"] = first.get("resumes", []) + [
+        if previous_record is not None:
+            resumes = previous_record.get("resumes")
+            # only a history: a damaged one is restarted rather than blocking the resume
+            previous_record["resumes"] = (resumes if isinstance(resumes, list) else []) + [
                 {key: run_record[key] for key in ("command_line", "started", "world_size")}
                 | {"step": start_step}
             ]
-            run_record = first
+            run_record = previous_record
         _write_json(previous, run_record)
         for log in (train_log, val_log):
             if resume_from is None:
@@ -873,6 +921,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
     images_per_step = config.batch_size * config.grad_accum * world
     seen_keys: list[str] = []
     samples_seen = 0
+    # samples without any caption since the start; None once a caption was seen (or warned)
+    uncaptioned = 0 if text_encoder is not None else None
 
     progress = Progress(
         TextColumn("[bold]train"),
@@ -914,6 +964,15 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                 batch = _next_batch(batches)
                 keys = list(batch["key"])
                 samples_seen += len(keys)
+                if uncaptioned is not None:
+                    uncaptioned = None if any(batch["caption"]) else uncaptioned + len(keys)
+                    if uncaptioned is not None and uncaptioned >= CAPTION_CHECK_SAMPLES:
+                        accelerator.print(
+                            f"warning: no captions in the first {uncaptioned} samples of --data; "
+                            "the caption path learns only the empty caption (--no-captions "
+                            "trains without it)"
+                        )
+                        uncaptioned = None
                 if len(seen_keys) < KEYS_RECORDED_PER_RANK:
                     seen_keys.extend(keys[: KEYS_RECORDED_PER_RANK - len(seen_keys)])
                 image, mask = _to_device(batch, device)
@@ -938,7 +997,10 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
 
             # -- decide on values every rank shares, so every rank skips together (a rank that
             # skipped alone would hang the next all-reduce)
-            due = time.monotonic() - last_checkpoint_time >= config.checkpoint_minutes * 60
+            due = (  # 0 turns time-based checkpoints off (--checkpoint-every 1 saves each step)
+                config.checkpoint_minutes > 0
+                and time.monotonic() - last_checkpoint_time >= config.checkpoint_minutes * 60
+            )
             extras = [float(due), loader.stats["skipped_samples"], loader.stats["bad_shards"]]
             shared = torch.cat(
                 [
@@ -1032,7 +1094,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
             progress.update(task, completed=state["step"])
 
             # -- validation with the EMA weights; a new best is checkpointed and exported
-            new_best = False
+            new_best = val_failed = False
             state["val_nll"] = None
             finished = state["step"] == config.steps
             if config.val_data and (state["step"] % config.val_every == 0 or finished):
@@ -1045,6 +1107,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                     val_kind,
                     hole_area,
                 )
+                # no image decoded (every rank): checkpointed below, then training stops
+                val_failed = result is None
                 if result is not None:
                     state["val_nll"] = result["nll_bits_per_dim"]
                     best = state["best_val_nll"]
@@ -1060,7 +1124,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                         accelerator.log({"val/nll": result["nll_bits_per_dim"]}, step=state["step"])
 
             # -- checkpoint every K steps, every `checkpoint_minutes`, at a new best, at the end
-            if state["step"] % config.checkpoint_every == 0 or time_due or new_best or finished:
+            checkpoint_due = state["step"] % config.checkpoint_every == 0 or time_due
+            if checkpoint_due or new_best or finished or val_failed:
                 full_state = {
                     **state,
                     "data_skipped_samples": data_skipped["skipped_samples"],
@@ -1082,6 +1147,13 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                     config.keep_last,
                 )
                 last_checkpoint_time = time.monotonic()
+            if val_failed:
+                raise InpaintError(
+                    f"--val-data {config.val_data}: no image could be decoded at the validation "
+                    f"of step {state['step']} (see the warnings); that step is checkpointed: fix "
+                    "--val-data and run again with --resume",
+                    exit_code=1,
+                )
             if hooks.after_step is not None:
                 hooks.after_step(state["step"])
 

@@ -51,12 +51,19 @@ COLOURS = {
 
 
 def write_square_shards(
-    folder: Path, count: int, per_shard: int, *, embeddings: bool = False, seed: int = 0
+    folder: Path,
+    count: int,
+    per_shard: int,
+    *,
+    embeddings: bool = False,
+    seed: int = 0,
+    captions: bool = True,
 ) -> str:
     """Shards of 16x16 PNGs: a coloured square on another colour, captioned by its colours.
 
     Returns the brace pattern of the shards. With `embeddings`, each sample also carries a
-    4-float `emb.f32` member (as `inpaint shards --embed-captions` writes).
+    4-float `emb.f32` member (as `inpaint shards --embed-captions` writes); without `captions`,
+    no `txt` member.
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -72,7 +79,8 @@ def write_square_shards(
                 buffer = io.BytesIO()
                 Image.fromarray(pixels).save(buffer, "PNG")
                 members = [("png", buffer.getvalue())]
-                members.append(("txt", f"a {names[fg]} square on {names[bg]}".encode()))
+                if captions:
+                    members.append(("txt", f"a {names[fg]} square on {names[bg]}".encode()))
                 if embeddings:
                     vector = np.zeros(4, "<f4")
                     vector[fg] = 1.0
@@ -253,6 +261,29 @@ def test_pruning_keeps_the_newest_and_the_best_by_validation_nll(tmp_path):
     ]  # deleted ones leave nothing behind
 
 
+def test_scans_pass_over_damaged_checkpoints_without_deleting_them(tmp_path, capsys):
+    for step, val_nll in {2: 5.0, 4: 3.0, 6: 4.0}.items():
+        temp = ckpt.begin(tmp_path, step)
+        ckpt.finish(temp, {"step": step, "val_nll": val_nll})
+    folders = {step: folder for step, folder in ckpt.list_checkpoints(tmp_path)}
+    damage = {
+        4: "{bad",  # not JSON
+        6: "[]",  # JSON, not an object
+        8: json.dumps({"step": 8, "val_nll": -1.0, "files": {}}),  # forged: no format
+    }
+    (tmp_path / CHECKPOINTS / ckpt.checkpoint_name(8)).mkdir()
+    for step, text in damage.items():
+        (tmp_path / CHECKPOINTS / ckpt.checkpoint_name(step) / ckpt.STATE_FILE).write_text(text)
+    capsys.readouterr()
+    assert ckpt.best_checkpoint(tmp_path) == folders[2]  # the only complete one
+    assert ckpt.prune(tmp_path, keep_last=1) == []
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [2, 4, 6, 8]
+    warnings = capsys.readouterr().out.splitlines()
+    assert len(warnings) == 3  # each damaged checkpoint named once, however often it is scanned
+    assert all(line.startswith("warning: skipping checkpoint ") for line in warnings)
+    assert f"{folders[4] / ckpt.STATE_FILE}: unreadable" in warnings[0]
+
+
 # ---- training ----------------------------------------------------------------------------------
 
 
@@ -361,6 +392,84 @@ def test_resume_skips_a_checkpoint_with_a_malformed_skip_rule(tmp_path, shards, 
     assert summary["start_step"] == 2 and summary["steps"] == 4
     warning = f"warning: skipping checkpoint {state_path}: malformed skip_rule"
     assert warning in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: "{bad",
+        lambda state: "[]",
+        lambda state: json.dumps(
+            {k: v for k, v in state.items() if k != "format"} | {"val_nll": -1.0}
+        ),
+    ],
+    ids=["not-json", "not-an-object", "forged-best-without-format"],
+)
+def test_resume_and_export_pass_over_damaged_checkpoints(tmp_path, shards, capsys, damage):
+    # steps 3 and 4 damaged: resume and export fall back to step 2, and nothing that scans the
+    # checkpoints later (choosing the best, pruning) trips over the damaged ones
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=4, checkpoint_every=1, keep_last=10, val_data=shards)
+    train(replace(config, val_every=1, val_samples=8))
+    for step in (3, 4):
+        path = out / CHECKPOINTS / ckpt.checkpoint_name(step) / ckpt.STATE_FILE
+        path.write_text(damage(json.loads(path.read_text())))
+    result = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    assert f"from {out / CHECKPOINTS}/step-0000000" in result.stdout
+    assert "step-00000003" not in result.stdout.splitlines()[-1]
+    assert "step-00000004" not in result.stdout.splitlines()[-1]
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    ckpt._WARNED.clear()  # warnings are given once per process; this is a second command
+    capsys.readouterr()
+    summary = train(replace(config, steps=6, keep_last=2, resume=True))
+    assert summary["start_step"] == 2 and summary["steps"] == 6
+    output = capsys.readouterr().out
+    assert f"warning: skipping checkpoint {out / CHECKPOINTS / 'step-00000004'}" in output
+    for _, folder in ckpt.list_checkpoints(out):
+        ckpt.verify(folder)  # the damaged ones were replaced when their steps came again
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{bad"])
+def test_a_damaged_run_json_is_a_one_line_error(tmp_path, shards, text):
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=2, checkpoint_every=1)
+    train(config)
+    (out / "run.json").write_text(text)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(InpaintError) as caught:
+        train(replace(config, steps=4, resume=True))
+    assert caught.value.exit_code == 1
+    assert str(caught.value).startswith(f"{out / 'run.json'}: ")
+    assert str(caught.value).endswith("remove it to resume with a new one")
+    assert [step for step, _ in ckpt.list_checkpoints(out)] == [1, 2]  # nothing was changed
+    result = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {out / 'run.json'}: ")
+
+
+def test_resume_with_another_model_names_the_first_differing_tensor(tmp_path, shards):
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=2))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    narrower = {"widths": {"16": 8, "8": 8, "4": 8, "1": 8}}
+    with pytest.raises(InpaintError) as caught:
+        train(tiny(shards, out, steps=4, model_config=narrower, resume=True))
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert message.startswith(f"{out / CHECKPOINTS / 'step-00000002' / 'model.safetensors'}: ")
+    assert "does not fit this model" in message
+    assert "tensor '" in message and "the config needs (8" in message
 
 
 def test_injected_inf_gradient_and_spike_are_skipped_and_counted(tmp_path, shards):
@@ -561,13 +670,54 @@ def test_disk_full_or_read_only_during_a_checkpoint_is_a_clear_error(
 
 def test_time_based_checkpoints_and_gradient_accumulation(tmp_path, shards):
     out = tmp_path / "run"
-    summary = train(tiny(shards, out, steps=3, grad_accum=2, checkpoint_minutes=0.0))
+    summary = train(tiny(shards, out, steps=3, grad_accum=2, checkpoint_minutes=1e-9))
     assert [step for step, _ in ckpt.list_checkpoints(out)] == [1, 2, 3]  # each step is "due"
     rank = json.loads((out / "ranks" / "rank-0.json").read_text())
     assert rank["samples_seen_this_session"] == 3 * 2 * 8
     state = ckpt.verify(out / "checkpoints" / ckpt.checkpoint_name(3))
     assert state["batches_per_rank"] == 6
     assert summary["steps"] == 3
+
+
+def test_checkpoint_minutes_zero_turns_time_based_checkpoints_off(tmp_path, shards):
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=3, checkpoint_minutes=0.0))
+    assert [step for step, _ in ckpt.list_checkpoints(out)] == [3]  # only the final one
+
+
+def test_validation_data_that_decodes_no_image_stops_training(tmp_path, shards):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar archive " * 100)
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=4, val_data=str(junk), val_every=2, val_samples=8)
+    with pytest.raises(InpaintError) as caught:  # refused before training starts
+        train(config)
+    assert caught.value.exit_code == 1
+    assert str(caught.value) == f"--val-data {junk}: no decodable image (see the warnings)"
+    assert not ckpt.list_checkpoints(out)
+
+    # readable at the start, unreadable at the validation of step 2: that step is checkpointed,
+    # training stops, and a resume with readable validation data goes on from there
+    val = write_square_shards(tmp_path / "val", 8, 8)
+    good = Path(val).read_bytes()
+    from accelerate.state import AcceleratorState, GradientState
+
+    def break_val_data(step: int) -> None:
+        if step == 1:
+            Path(val).write_bytes(junk.read_bytes())
+
+    with pytest.raises(InpaintError) as caught:
+        train(replace(config, val_data=val), TrainHooks(after_step=break_val_data))
+    assert caught.value.exit_code == 1
+    assert str(caught.value).startswith(f"--val-data {val}: no image could be decoded at the ")
+    assert "validation of step 2" in str(caught.value)
+    assert [step for step, _ in ckpt.list_checkpoints(out)] == [2]
+    Path(val).write_bytes(good)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    summary = train(replace(config, val_data=val, resume=True))
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    assert [record["step"] for record in log(out, "val.jsonl")] == [4]
 
 
 def test_cli_trains_and_resumes(tmp_path, shards):
@@ -713,6 +863,8 @@ def test_export_never_overwrites_a_checkpoint_or_other_files(tmp_path, shards):
         elsewhere: "a training checkpoint, not a model folder",
         notes: "holds files but is not a model folder (no config.json)",
         notes / "todo.txt": "not a folder",
+        out / "model": "the run's own model/ folder",  # training writes the newest step there
+        out / "best": "the run's own best/ folder",  # and the best by validation there
     }
 
     def snapshot() -> dict[Path, bytes]:
@@ -883,6 +1035,28 @@ def test_captions_use_shard_embeddings_and_record_the_encoder(tmp_path, monkeypa
     CountingEncoder.instances.clear()
     train(tiny(plain, tmp_path / "run2", steps=2, captions=True))
     assert CountingEncoder.instances[-1].calls == 2  # one encode per batch without embeddings
+
+
+def test_captions_on_shards_without_captions_are_warned_about_once(tmp_path, monkeypatch, capsys):
+    import conditioning
+    from inpaint_cli import train as train_module
+
+    monkeypatch.setattr(conditioning, "TextEncoder", CountingEncoder)
+    monkeypatch.setattr(train_module, "CAPTION_CHECK_SAMPLES", 16)
+    bare = write_square_shards(tmp_path / "bare", 16, 16, captions=False)
+    train(tiny(bare, tmp_path / "run", steps=4, captions=True))
+    warning = (
+        "warning: no captions in the first 16 samples of --data; the caption path learns only "
+        "the empty caption (--no-captions trains without it)"
+    )
+    assert capsys.readouterr().out.splitlines().count(warning) == 1
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    captioned = write_square_shards(tmp_path / "captioned", 16, 16)
+    train(tiny(captioned, tmp_path / "run2", steps=4, captions=True))
+    assert "no captions" not in capsys.readouterr().out
 
 
 # ---- several processes -------------------------------------------------------------------------
