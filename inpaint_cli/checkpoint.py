@@ -193,17 +193,17 @@ def export_model(
     if not checkpoints:
         raise InpaintError(f"{run_dir}: no checkpoints (not an `inpaint train` run folder?)")
     if step is None:
-        complete = complete_checkpoints(run_dir)  # damaged ones are passed over with a warning
+        complete = complete_checkpoints(run_dir)  # verified; damaged ones passed over, warned
         if not complete:
             raise InpaintError(f"{run_dir}: no complete checkpoint (see the warnings)", 1)
         folder = _lowest_val_nll(complete) or complete[-1][1]
     elif step in checkpoints:
         folder = checkpoints[step]
+        verify(folder)
     else:
         have = ", ".join(str(s) for s in sorted(checkpoints))
         raise InpaintError(f"{run_dir}: no checkpoint at step {step} (there are: {have})")
     _check_export_target(run_dir, out)
-    verify(folder)
     run = read_run_record(run_dir)
     try:
         config = dict(run["model_config"])

@@ -70,18 +70,19 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
-def missing_shard_message(url: str) -> str:
-    """Why a local shard URL names no file, with a hint for the two usual mistakes."""
+def missing_shard_message(url: str, wanted: str = "shard file") -> str:
+    """Why a local shard URL names no file (`wanted`: what would have been accepted), with a
+    hint for the two usual mistakes."""
     if Path(url).is_dir():
         return (
             f"{url}: is a folder, not a shard file; pack it with `inpaint shards {url} OUT` first"
         )
     if any(mark in url for mark in "*?["):  # a shell glob quoted away from the shell
         return (
-            f"{url}: no such shard file (only brace patterns such as "
+            f"{url}: no such {wanted} (only brace patterns such as "
             "train-{000000..000009}.tar are expanded, not * ? [ ])"
         )
-    return f"{url}: no such shard file"
+    return f"{url}: no such {wanted}"
 
 
 def _check_local(urls: list[str]) -> None:

@@ -25,7 +25,11 @@ import numpy as np
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.masks import MASK_KINDS, stable_seed
 from inpaint_cli.metrics import PSNR_CAP_DB
-from inpaint_cli.run_plan import ONE_FILL_TEMPERATURE, SAMPLES_TEMPERATURE
+from inpaint_cli.run_plan import (
+    ONE_FILL_TEMPERATURE,
+    SAMPLES_TEMPERATURE,
+    check_caption_strength_option,
+)
 
 METRICS = ("psnr", "ssim", "l1")
 METRIC_LABELS = {"psnr": "hole PSNR (dB)", "ssim": "hole SSIM", "l1": "hole L1"}
@@ -346,9 +350,7 @@ def _may_be_shard(path: str) -> bool:
 def _no_data(url: str) -> InpaintError:
     from inpaint_cli.data import missing_shard_message
 
-    if any(mark in url for mark in "*?["):  # a glob: say that only brace patterns expand
-        return InpaintError(missing_shard_message(url), exit_code=2)
-    return InpaintError(f"{url}: no such image folder or shard file", exit_code=2)
+    return InpaintError(missing_shard_message(url, "image folder or shard file"), exit_code=2)
 
 
 def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
@@ -1032,9 +1034,8 @@ def _check_options(options: EvalOptions) -> None:
         raise InpaintError(f"--batch-size {options.batch_size}: must be at least 1", exit_code=2)
     if options.limit < 0:
         raise InpaintError(f"--limit {options.limit}: must be 0 or more", exit_code=2)
-    strength = options.caption_strength
-    if strength is not None and not 0 <= strength <= 4:
-        raise InpaintError(f"--caption-strength {strength}: must be in 0..4", exit_code=2)
+    if options.caption_strength is not None:
+        check_caption_strength_option(options.caption_strength)
     if options.masks not in MASK_KINDS and not Path(options.masks).exists():
         raise InpaintError(
             f"{options.masks}: not a mask kind ({', '.join(MASK_KINDS)}) nor a mask folder or file",

@@ -84,12 +84,22 @@ def check_options(options: RunOptions) -> None:
          "cpu or cuda"),
         (options.caption is None or options.caption_file is None,
          "use --caption or --caption-file, not both"),
-        (options.caption_strength is None or 0 <= options.caption_strength <= 4,
-         f"--caption-strength must be in 0..4, got {options.caption_strength}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
             raise InpaintError(message, exit_code=2)
+    if options.caption_strength is not None:
+        check_caption_strength_option(options.caption_strength)
+
+
+def check_caption_strength_option(value: float) -> None:
+    """--caption-strength of `inpaint run` and `inpaint eval`, by the model config's own rule."""
+    from model.hvae import check_caption_strength  # torch: both commands load it next anyway
+
+    try:
+        check_caption_strength(value)
+    except ValueError as error:
+        raise InpaintError(f"--caption-strength: {error}", exit_code=2) from None
 
 
 def _inside(path: Path, folder: Path) -> bool:
