@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -337,14 +338,16 @@ def test_strict_stops_at_the_first_failure(tmp_path, tiny_model):
 
 LAUNCH_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     from inpaint_cli.run import RunOptions, run_folder
 
     summary = run_folder(RunOptions(images=Path(sys.argv[1]), masks=Path(sys.argv[2]),
                                     out=Path(sys.argv[3]), model=Path(sys.argv[4]),
                                     num_workers=0, batch_size=4, json_summary=True))
-    Path(sys.argv[3], f"summary.{summary['world_size']}.json").write_text(json.dumps(summary))
+    # one file per rank: two ranks writing one file at once interleave their bytes
+    name = f"summary.{summary['world_size']}.rank{os.environ.get('RANK', '0')}.json"
+    Path(sys.argv[3], name).write_text(json.dumps(summary))
     """
 )
 
@@ -368,9 +371,10 @@ def test_accelerate_launch_two_processes_match_one(tmp_path, tiny_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    summary = json.loads((out / "summary.2.json").read_text())  # written with world size 2
-    assert summary["world_size"] == 2
-    assert (summary["done"], summary["failed"]) == (len(folder["good"]), 3)
+    for rank in (0, 1):  # every rank returns the whole job's counts
+        summary = json.loads((out / f"summary.2.rank{rank}.json").read_text())
+        assert summary["world_size"] == 2
+        assert (summary["done"], summary["failed"]) == (len(folder["good"]), 3)
 
     one = tmp_path / "one"
     run_folder(RunOptions(images=folder["images"], masks=folder["masks"], out=one,
@@ -383,3 +387,66 @@ def test_accelerate_launch_two_processes_match_one(tmp_path, tiny_model):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() <= 0.001, name
     assert (out / "failures.jsonl").read_text() == (one / "failures.jsonl").read_text()
     assert not list(out.glob("failures.rank*.jsonl"))
+
+
+WORKERS_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+    import inpaint_cli.run as run_module
+    from inpaint_cli.run import RunOptions, run_folder
+
+    real_process = run_module._process
+
+    def process_then_die(*args, **kwargs):
+        # start the workers, let them fill their queues, then die as under kill -9
+        import threading
+        def killer():
+            time.sleep(3)
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+            mine = [p for p in pids if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]
+                    == str(os.getpid())]
+            Path(sys.argv[4]).write_text(" ".join(mine))
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=killer, daemon=True).start()
+        return real_process(*args, **kwargs)
+
+    run_module._process = process_then_die
+    run_folder(RunOptions(images=Path(sys.argv[1]), masks=Path(sys.argv[1]), out=Path(sys.argv[2]),
+                          model=Path(sys.argv[3]), samples=4, num_workers=2, batch_size=1))
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
+def test_kill_9_leaves_no_loader_worker_behind(tmp_path, tiny_model):
+    """Workers orphaned by a kill -9 used to hang on, holding the job's stdout open."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(40):  # large items: a worker blocks writing them to its queue
+        Image.fromarray(_noise_image(rng, 600, 600)).save(images / f"img{index:02d}.png")
+        _save_mask(images / f"img{index:02d}_mask.png", _box_mask(600, 600, HOLE))
+    script, pids = tmp_path / "workers.py", tmp_path / "workers.pid"
+    script.write_text(WORKERS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), images, tmp_path / "out", tiny_model, pids]
+    job = subprocess.run(list(map(str, command)), capture_output=True, env=env, timeout=120)
+    assert job.returncode == -9, job.stderr
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert workers, "the job started no workers"
+
+    def alive(pid: int) -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state not in ("Z", "X")  # a zombie waiting to be reaped is dead
+
+    deadline = time.monotonic() + 15
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == []
