@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped: a newline in a file name must not turn one
+    message into two (or forge a line of a log that scripts parse)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class InpaintError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback.
 
@@ -10,5 +16,5 @@ class InpaintError(Exception):
     """
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))
         self.exit_code = exit_code

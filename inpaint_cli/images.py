@@ -7,11 +7,13 @@ batch jobs can print one warning line per bad file and carry on.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
 import secrets
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from PIL import Image, ImageCms, ImageOps
 from inpaint_cli.errors import InpaintError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 )
 # Masks that live beside their images (LaMa style): `<stem>_mask.png`, `<stem>_mask001.png`.
 MASK_NAME_RE = re.compile(r"^(?P<stem>.+)_mask[^/\\]*\.png$", re.IGNORECASE)
@@ -37,10 +39,8 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def _fail(name: str, problem: str) -> InpaintError:
-    # Control characters in a file name would break the promise of a one-line message.
-    safe_name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
     first_line = problem.strip().splitlines()[0] if problem.strip() else "unknown problem"
-    return InpaintError(f"{safe_name}: {first_line}", exit_code=1)
+    return InpaintError(f"{name}: {first_line}", exit_code=1)
 
 
 def _refuse_bombs(img: Image.Image, name: str) -> None:
@@ -72,6 +72,9 @@ def _to_srgb(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode image bytes fully: EXIF orientation applied, ICC profile converted to sRGB.
 
+    Animations and multi-page files give their first frame; `info["frames"]` says how many
+    there were.
+
     Refuses empty data, non-images, truncated or corrupt files and decompression bombs
     (anything above `PIL.Image.MAX_IMAGE_PIXELS`, including Pillow's warn-only range).
     """
@@ -99,6 +102,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     width, height = img.size
     if width < 1 or height < 1:
         raise _fail(name, f"image has no pixels ({width}x{height})")
+    frames = getattr(img, "n_frames", 1)  # the copies made below forget it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -111,6 +115,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             img = img.convert("RGBA" if "A" in img.mode else "RGB")
         except (ValueError, OSError):
             raise _fail(name, f"unsupported image mode {img.mode}") from None
+    img.info["frames"] = frames
     return img
 
 
@@ -184,6 +189,25 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def walk_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, following symlinked folders (a photo library often links in
+    folders from other disks) but entering each real folder once, so a link loop ends."""
+    entered: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        try:
+            stat = os.stat(folder)
+        except OSError:  # vanished or unreadable while walking: nothing to list there
+            subfolders[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in entered:
+            subfolders[:] = []
+            continue
+        entered.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()
+        for name in sorted(files):
+            yield Path(folder) / name
+
+
 def list_images(root: Path) -> list[Path]:
     """Image files under `root` (recursive, sorted), leaving out hidden and `*_mask*.png` files.
 
@@ -196,13 +220,40 @@ def list_images(root: Path) -> list[Path]:
         raise InpaintError(f"{root}: no such file or folder", exit_code=2)
     found = [
         path
-        for path in root.rglob("*")
+        for path in walk_files(root)
         if path.suffix.lower() in IMAGE_EXTENSIONS
         and not MASK_NAME_RE.match(path.name)
         and not _is_hidden(path.relative_to(root))
         and path.is_file()
     ]
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def check_output_place(
+    images: Path, out: Path, option: str = "--out", outputs: str = "outputs"
+) -> None:
+    """Refuse an output folder that is IMAGES (or the folder of a single image) or a folder
+    above it, in one line naming `out`; `option` and `outputs` name OUT and what goes there.
+
+    Outputs keep the inputs' relative paths: in IMAGES' own folder they could replace inputs
+    or files of the user's that were never inputs, and in a folder above it they land among
+    the inputs, or on one (IMAGES p/sub, OUT p: the output of sub/a.png is p/sub/a.png).
+    """
+    images = Path(images).expanduser().absolute()
+    folder = images if images.is_dir() else images.parent
+    place = Path(out).expanduser().absolute().resolve()
+    if place == folder.resolve():
+        which = "the IMAGES folder itself" if images.is_dir() else f"the folder of {images.name}"
+        raise InpaintError(
+            f"{out}: {option} is {which}; {outputs} could replace inputs, choose another folder",
+            exit_code=2,
+        )
+    if place in folder.resolve().parents:
+        raise InpaintError(
+            f"{out}: {option} contains the images ({folder}); {outputs} would be mixed with "
+            "the inputs, choose a folder outside it",
+            exit_code=2,
+        )
 
 
 def make_output_folder(out: Path, src: Path) -> None:
@@ -214,6 +265,59 @@ def make_output_folder(out: Path, src: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InpaintError(f"{out}: cannot create folder ({error.strerror})", exit_code=1) from None
+
+
+# Descriptors of the output locks this process holds. A forked child (a DataLoader worker)
+# inherits them, and an flock lasts while any copy is open: a worker orphaned by kill -9 would
+# keep the folder locked. Children close their copies at once (the parent's lock stays).
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder `out` for one job, or fail at once in one line.
+
+    Two jobs writing the same folder would take each other's files for leftovers of an
+    interrupted run. The lock is an flock on the folder itself: no lock file is left behind,
+    and the kernel releases it when the process dies (forked children do not keep it), so a
+    killed job never leaves the folder locked. Where flock does not exist (Windows) nothing is
+    locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot open ({error.strerror})", exit_code=1) from None
+    _HELD_LOCKS.add(fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InpaintError(
+                    f"{out}: another `inpaint {command}` is writing to this folder", exit_code=2
+                ) from None
+            # A file system without flock (some network mounts): work on, unlocked, rather
+            # than refuse every job there.
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 
 MASK_KINDS = ("center", "box", "stroke")
 # Pieces drawn before giving up on reaching the target area (tiny images, tight ranges).
@@ -152,7 +152,13 @@ def write_masks(
     from rich.console import Console
     from rich.progress import Progress
 
-    from inpaint_cli.images import list_images, load_image, make_output_folder, save_png_atomic
+    from inpaint_cli.images import (
+        check_output_place,
+        list_images,
+        load_image,
+        make_output_folder,
+        save_png_atomic,
+    )
 
     check_kind(kind)
     area = parse_hole_area(hole_area) if isinstance(hole_area, str) else tuple(hole_area)
@@ -161,7 +167,11 @@ def write_masks(
     if not paths:
         raise InpaintError(f"{images}: no images found", exit_code=2)
     root = images if images.is_dir() else images.parent
+    check_output_place(images, out, option="OUT", outputs="masks")
     make_output_folder(out, images)
+    # Second guard, for what the folder check cannot see (a symlink in OUT into IMAGES): a
+    # mask is never written over an input image.
+    inputs = {path.resolve() for path in paths}
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     counts = {"written": 0, "skipped": 0, "failed": 0}
     targets: set[Path] = set()
@@ -173,11 +183,19 @@ def write_masks(
             target = out / relative.parent / f"{relative.stem}.png"
             if target in targets:
                 console.print(
-                    f"warning: {path}: another image already writes {target}", markup=False
+                    f"warning: {printable(f'{path}: another image already writes {target}')}",
+                    markup=False,
                 )
                 counts["failed"] += 1
                 continue
             targets.add(target)
+            if target.resolve() in inputs:
+                console.print(
+                    f"warning: {printable(f'{path}: its mask {target} would replace an input')}",
+                    markup=False,
+                )
+                counts["failed"] += 1
+                continue
             if target.exists() and not overwrite:
                 counts["skipped"] += 1
                 continue
@@ -188,7 +206,7 @@ def write_masks(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 save_png_atomic(mask_to_image(mask), target)
             except OSError as error:
-                console.print(f"warning: {target}: {error.strerror}", markup=False)
+                console.print(f"warning: {printable(f'{target}: {error.strerror}')}", markup=False)
                 counts["failed"] += 1
                 continue
             except InpaintError as error:

@@ -918,6 +918,9 @@ class HVAE(nn.Module):
             tensors = load_file(str(weights_path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{weights_path}: unreadable weights: {error}") from None
+        problem = non_finite_tensor(tensors)
+        if problem:
+            raise ValueError(f"{weights_path}: {problem}")
         model.load_state_dict(tensors, strict=True)  # names and shapes were checked above
         return model.to(map_location).eval()
 
@@ -942,6 +945,19 @@ def weights_mismatch(config: HVAEConfig, shapes: dict[str, Any]) -> str | None:
         return None
     more = len(problems) - 1
     return problems[0] + (f" (and {more} more difference{'s' * (more > 1)})" if more else "")
+
+
+def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Which tensor holds NaN or infinite values, in one line, or None when all are finite.
+
+    Such a model (a diverged training run, a damaged file) fills every hole with garbage and
+    scores n/a, without an error anywhere; it is refused where it is loaded instead.
+    """
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {_show(name)} holds NaN or infinite values (a diverged training run?)"
+    return None
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import struct
+import time
 import types
 from pathlib import Path
 
@@ -269,6 +270,18 @@ def test_list_images_sorted_recursive_without_masks_or_hidden(tmp_path) -> None:
     assert error.value.exit_code == 2
 
 
+def test_list_images_follows_symlinked_folders_once(tmp_path) -> None:
+    library, elsewhere = tmp_path / "library", tmp_path / "other_disk"
+    for path in (library / "a.png", elsewhere / "2024" / "b.png", elsewhere / "c.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (library / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (library / "loop").symlink_to(library, target_is_directory=True)  # must not recurse forever
+    (library / "broken.png").symlink_to(tmp_path / "gone.png")
+    found = [path.relative_to(library).as_posix() for path in list_images(library)]
+    assert found == ["a.png", "linked/2024/b.png", "linked/c.png"]
+
+
 def test_atomic_write_replaces_whole_files(tmp_path) -> None:
     target = tmp_path / "out.png"
     atomic_write_bytes(target, b"first")
@@ -380,3 +393,49 @@ def test_random_masks_load_or_raise_our_error(
         assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
         return
     assert mask.dtype == bool and mask.shape == (height, width)
+
+
+def test_output_lock_refuses_a_held_folder_and_works_on_where_flock_is_missing(
+    tmp_path, monkeypatch
+) -> None:
+    import errno
+    import fcntl
+
+    from inpaint_cli.images import output_lock
+
+    with output_lock(tmp_path, "run"):
+        with pytest.raises(InpaintError, match="another `inpaint run` is writing") as error:
+            with output_lock(tmp_path, "run"):
+                pass
+    assert error.value.exit_code == 2
+    with output_lock(tmp_path, "run"):  # released with its holder
+        pass
+
+    def no_flock_here(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock_here)
+    with output_lock(tmp_path, "run"):  # a network mount without flock: the job goes on
+        pass
+
+
+def test_a_forked_child_does_not_keep_the_output_lock(tmp_path) -> None:
+    """DataLoader workers are forked; one orphaned by a kill -9 must not lock the folder."""
+    import signal
+
+    from inpaint_cli.images import output_lock
+
+    started, ready = os.pipe()
+    with output_lock(tmp_path, "run"):
+        child = os.fork()
+        if child == 0:  # the worker: outlives the job's lock
+            os.write(ready, b"x")  # fork's handlers have run by now
+            time.sleep(30)
+            os._exit(0)
+        os.read(started, 1)
+    try:
+        with output_lock(tmp_path, "run"):  # the job ended; its child lives on
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -123,3 +123,53 @@ def test_masks_command_reports_and_exits(tmp_path) -> None:
     assert bad.output.strip().splitlines() == [
         "error: --kind x: expected one of center, box, stroke"
     ]
+
+
+def _photos(folder) -> dict:
+    """Three small photos in `folder`; returns each file's bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(3):
+        Image.new("RGB", (32, 32), (index * 9, 50, 50)).save(folder / f"p{index:02d}.png")
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*.png"))}
+
+
+def test_write_masks_refuses_the_images_folder_and_folders_above_it(tmp_path) -> None:
+    photos = _photos(tmp_path / "p" / "sub")
+    refused = [
+        (tmp_path / "p" / "sub" / "p00.png", tmp_path / "p" / "sub", "the folder of p00.png"),
+        (tmp_path / "p" / "sub", tmp_path / "p" / "sub", "the IMAGES folder itself"),
+        (tmp_path / "p" / "sub", tmp_path / "p" / "sub" / ".", "the IMAGES folder itself"),
+        # masks keep relative paths: p/sub/p00.png would be the mask of sub/p00.png
+        (tmp_path / "p" / "sub", tmp_path / "p", "contains the images"),
+        (tmp_path / "p" / "sub" / "p01.png", tmp_path, "contains the images"),
+    ]
+    for images, out, problem in refused:
+        with pytest.raises(InpaintError) as error:
+            write_masks(images, out, overwrite=True)
+        assert error.value.exit_code == 2 and problem in str(error.value)
+        assert str(error.value).startswith(f"{out}: OUT ")
+    assert {path: path.read_bytes() for path in sorted(tmp_path.rglob("*.png"))} == photos
+
+
+def test_masks_command_refuses_to_write_over_the_photos_in_one_line(tmp_path) -> None:
+    photos = _photos(tmp_path / "photos")
+    single = tmp_path / "photos" / "p00.png"
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["masks", str(single), str(tmp_path / "photos"), *extra])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            f"error: {tmp_path / 'photos'}: OUT is the folder of p00.png; masks could replace "
+            "inputs, choose another folder"
+        ]
+    assert {path: path.read_bytes() for path in sorted(tmp_path.rglob("*.png"))} == photos
+
+
+def test_a_mask_is_never_written_over_an_input_through_a_symlink(tmp_path, capsys) -> None:
+    photos = _photos(tmp_path / "photos" / "sub")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "sub").symlink_to(tmp_path / "photos" / "sub")  # OUT/sub is IMAGES/sub
+    summary = write_masks(tmp_path / "photos", tmp_path / "masks", overwrite=True)
+    assert (summary["written"], summary["failed"]) == (0, 3)
+    assert {path: path.read_bytes() for path in sorted(photos)} == photos
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 3 and all("would replace an input" in line for line in warnings)

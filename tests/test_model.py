@@ -504,3 +504,36 @@ def test_config_json_round_trip_keeps_int_keys() -> None:
     config = preset_config("small", caption_dim=384)
     again = HVAEConfig.from_dict(json.loads(config.to_json()))
     assert again == config
+
+
+def test_weights_with_nan_or_inf_are_refused_where_run_and_eval_load_them(tmp_path) -> None:
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from inpaint_cli.app import app
+
+    folder = tmp_path / "model"
+    HVAE(preset_config("tiny")).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for bad in (float("nan"), float("inf")):
+        tensors["top_state"][0] = bad
+        save_file(tensors, folder / "model.safetensors")
+        with pytest.raises(ValueError) as caught:
+            HVAE.from_pretrained(folder)
+        assert str(caught.value) == (
+            f"{folder / 'model.safetensors'}: tensor 'top_state' holds NaN or infinite values "
+            "(a diverged training run?)"
+        )
+    # `inpaint run` (and `inpaint eval`, which loads the same way) stops in one line, exit 2
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "a_mask.png")
+    result = CliRunner().invoke(
+        app,
+        ["run", str(tmp_path / "a.png"), "--masks", str(tmp_path / "a_mask.png"),
+         "--out", str(tmp_path / "out"), "--model", str(folder), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {folder / 'model.safetensors'}: tensor 'top_state' holds NaN")
+    assert not list((tmp_path / "out").glob("*.png"))
