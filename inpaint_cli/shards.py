@@ -5,6 +5,10 @@ none), a dataset saved with `datasets.save_to_disk`, or parquet files with image
 columns. One sample per image: the image bytes (`png`/`jpg`/`webp`), `txt` when there is a
 caption, `json` (source, size, format, other metadata columns) and, with embeddings, `emb.f32`
 (raw little-endian float32; its length is in the json, so nothing is ever unpickled).
+
+Resumable: the source's items have a fixed order, and `.shards-progress.json` records, per split,
+the complete shards and the position of the last item in them. A rerun with the same settings
+and source skips those items, so its shards come out as an uninterrupted run's would.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -22,14 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 from inpaint_cli.images import (
     atomic_write_bytes,
     decode_image,
     image_to_rgb_uint8,
     list_images,
     make_output_folder,
+    output_lock,
     png_bytes,
+    walk_files,
 )
 
 SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -39,6 +46,8 @@ SHARD_NAME_RE = re.compile(r"^.+-[0-9]{6}\.tar$")
 # (metadata kept for --split-by only, captions in sidecars). A column the user names must exist.
 DEFAULT_TEXT_COLUMN = "text"
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Written after each complete shard: what a rerun of the same command needs to resume.
+PROGRESS_NAME = ".shards-progress.json"
 # Embedding this many captions per text-encoder call keeps memory flat and the model busy.
 _CHUNK = 64
 
@@ -151,12 +160,14 @@ def _metadata_rows(path: Path, warn: Warn) -> Iterator[tuple[str, dict[str, Any]
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
+    # Lines end at \n only (as JSON Lines and the csv module say): str.splitlines would also
+    # split captions at U+2028, U+0085 and other characters JSON leaves unescaped.
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
             yield f"{path} line {reader.line_num}", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -177,8 +188,9 @@ def _folder_metadata(
     A caption that is not text is warned about and dropped from its row (the image then falls
     back to its sidecar, as with an empty caption)."""
     rows: dict[Path, dict[str, Any]] = {}
+    found = sorted(path for path in walk_files(root) if path.name in METADATA_NAMES)
     for name in METADATA_NAMES:
-        for meta_path in sorted(root.rglob(name)):
+        for meta_path in (path for path in found if path.name == name):
             for where, row in _metadata_rows(meta_path, warn):
                 relative = relative_name(row.get("file_name"))
                 image = meta_path.parent / relative if relative else None
@@ -318,11 +330,16 @@ def dataset_items(src: Path, image_column: str, text_column: str, split_by: str 
             yield _row_item(row, name, key, (image_column, text_column), split_by, warn)
 
 
+def _parquet_files(folder: Path) -> list[Path]:
+    # walk_files, as for images: symlinked sub-folders are followed, each real folder once
+    return sorted(path for path in walk_files(folder) if path.suffix == ".parquet")
+
+
 def parquet_items(src: Path, image_column: str, text_column: str, split_by: str | None, warn: Warn):
     """Items of a parquet file or a folder of them (read in batches, in file order)."""
     import pyarrow.parquet as pq
 
-    files = [src] if src.is_file() else sorted(src.rglob("*.parquet"))
+    files = [src] if src.is_file() else _parquet_files(src)
     for path in files:
         try:
             parquet = pq.ParquetFile(path)
@@ -364,15 +381,39 @@ def _image_member(data: bytes, name: str) -> tuple[str, bytes, dict[str, Any]]:
 
 
 class _SplitWriter:
-    """A webdataset.ShardWriter whose shards appear only when complete (temp name, rename)."""
+    """A webdataset.ShardWriter whose shards appear only when complete (temp name, rename).
 
-    def __init__(self, out: Path, split: str, max_count: int, max_size: int) -> None:
+    Each item has a position in the source's (fixed) order. `through` is the position of the
+    last item in this split's complete shards: a resumed run starts after it. Items of the
+    split that were skipped as bad up to `through` are counted in `skipped`; later ones are
+    read (and warned about) again by a resumed run.
+    """
+
+    def __init__(
+        self, out: Path, split: str, max_count: int, max_size: int, on_shard: Callable[[], None]
+    ) -> None:
         self.out, self.split = out, split
         self.max_count, self.max_size = max_count, max_size
+        self.on_shard = on_shard
         self.shards: list[Path] = []
-        self.count = 0
+        self.shard_info: list[dict[str, Any]] = []  # name, bytes, samples of each shard
+        self.recorded = 0  # shards in the progress record: what a resumed run keeps
+        self.count = 0  # samples written, complete shards or not
+        self.through, self.skipped = -1, 0
+        self._last_position = -1
+        self._skip_positions: list[int] = []
         self._writer = None
         self._handles: dict[str, Any] = {}
+
+    def resume(self, record: dict[str, Any]) -> None:
+        self.shard_info = list(record["shards"])
+        self.shards = [self.out / info["name"] for info in self.shard_info]
+        self.recorded = len(self.shards)
+        self.count = sum(info["samples"] for info in self.shard_info)
+        self.through, self.skipped = record["through"], record["skipped"]
+
+    def record(self) -> dict[str, Any]:
+        return {"shards": self.shard_info, "through": self.through, "skipped": self.skipped}
 
     def _open(self, temp_name: str):
         handle = open(temp_name, "wb")  # closed in _finish once the shard is full
@@ -387,9 +428,22 @@ class _SplitWriter:
         final = self.out / f"{self.split}-{len(self.shards):06d}.tar"
         os.replace(temp_name, final)
         del self._handles[temp_name]  # only now is it no longer ours to clean up
+        # ShardWriter finishes a shard before writing the sample that overflows it, so every
+        # sample written so far is in a complete shard.
+        done = sum(info["samples"] for info in self.shard_info)
+        size = final.stat().st_size
+        self.shard_info.append({"name": final.name, "bytes": size, "samples": self.count - done})
         self.shards.append(final)
+        self.through = self._last_position
+        self.skipped += sum(position < self.through for position in self._skip_positions)
+        self._skip_positions = [p for p in self._skip_positions if p > self.through]
+        self.on_shard()
+        self.recorded = len(self.shards)
 
-    def write(self, sample: dict[str, Any]) -> None:
+    def skip(self, position: int) -> None:
+        self._skip_positions.append(position)
+
+    def write(self, sample: dict[str, Any], position: int) -> None:
         if self._writer is None:
             import webdataset
 
@@ -407,13 +461,14 @@ class _SplitWriter:
             )
         self._writer.write(sample)
         self.count += 1
+        self._last_position = position
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
 
-    def abort(self) -> None:
-        """Remove everything this writer made, so a failed run leaves no shards behind."""
+    def discard_partial(self) -> None:
+        """Remove the shard being written; complete shards stay for a resumed run."""
         # Close the tar stream before its file: left open, tarfile flushes its buffer into the
         # closed file when garbage-collected and prints a traceback ("Exception ignored in
         # _Stream.__del__"). The file is deleted below, so failures to write now do not matter.
@@ -425,8 +480,7 @@ class _SplitWriter:
             with contextlib.suppress(OSError):  # a full disk fails the buffered flush again
                 handle.close()
             Path(temp_name).unlink(missing_ok=True)
-        for shard in self.shards:
-            shard.unlink(missing_ok=True)
+        self._handles.clear()
 
     def pattern(self) -> str:
         if len(self.shards) == 1:
@@ -434,21 +488,151 @@ class _SplitWriter:
         return str(self.out / f"{self.split}-{{{0:06d}..{len(self.shards) - 1:06d}}}.tar")
 
 
-def _prepare_output(out: Path, src: Path, splits: list[tuple[str, float]]) -> None:
-    make_output_folder(out, src)
-    # Any earlier shards, not only those of the splits asked for now: a new split named
+# How an error names each setting that a resumed run must share with the interrupted one.
+_SETTING_NAMES = {
+    "source": "SRC",
+    "fingerprint": "list of source files or captions",
+    "splits": "--splits",
+    "split_by": "--split-by",
+    "max_count": "--max-count",
+    "max_size": "--max-size",
+    "image_column": "--image-column",
+    "text_column": "--text-column",
+    "text_encoder": "text encoder",
+}
+
+
+def _sampled_file_hash(path: Path) -> list[Any]:
+    """Size plus the first and last MiB: catches a rewritten data file without reading all of
+    a many-GB dataset again, and ignores times (a copy or `touch` changes nothing)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(size - (1 << 20), 0))
+        digest.update(handle.read(1 << 20))
+    return [size, digest.hexdigest()]
+
+
+def _source_fingerprint(src: Path, items: Iterable[SourceItem]) -> str:
+    """What a resumed run must find unchanged. A folder: each image's name, size, group,
+    caption and metadata, in order. A dataset or parquet source: its data files."""
+    digest = hashlib.sha256()
+    if isinstance(items, list):
+        rows: Iterable[list[Any]] = (
+            [item.key, item.group, item.caption, item.info, _size(Path(item.name))]
+            for item in items
+        )
+    elif src.is_file():
+        rows = [_sampled_file_hash(src)]
+    else:
+        data = [p for p in walk_files(src) if p.suffix in (".parquet", ".arrow", ".json")]
+        rows = ([p.relative_to(src).as_posix(), *_sampled_file_hash(p)] for p in sorted(data))
+    for row in rows:
+        # ascii: surrogates are escaped; sort_keys: metadata in any column order
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode("ascii"))
+    return digest.hexdigest()
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None  # read (and reported) when its turn comes
+
+
+def _read_progress(
+    path: Path, settings: dict[str, Any], split_positions: dict[str, list[int]] | None
+) -> dict[str, Any]:
+    """The progress record, checked for consistency. With the same settings as now and a list
+    source, `split_positions` (the source positions of each split's items) checks its counts
+    exactly."""
+    try:
+        progress = json.loads(path.read_text(encoding="utf-8"))
+        records = progress["splits"]
+        assert set(records) == {name for name, _ in progress["settings"]["splits"]}
+        for split, record in records.items():
+            through, skipped, shards = record["through"], record["skipped"], record["shards"]
+            assert isinstance(through, int) and isinstance(skipped, int) and through >= -1
+            for index, info in enumerate(shards):
+                assert info["name"] == f"{split}-{index:06d}.tar"
+                assert isinstance(info["bytes"], int) and isinstance(info["samples"], int)
+                assert info["samples"] >= 1
+            written = sum(info["samples"] for info in shards)
+            assert (through == -1) == (not shards) and 0 <= skipped
+            assert written + skipped <= through + 1
+            if split_positions is not None and progress["settings"] == settings:
+                # every item of the split up to `through` is in a shard or was skipped as bad
+                positions = split_positions[split]
+                assert written + skipped == sum(position <= through for position in positions)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise InpaintError(
+            f"{path}: damaged record of an interrupted run; remove the folder's shards and it, "
+            "then start again",
+            exit_code=2,
+        ) from None
+    return progress
+
+
+def _prepare_output(
+    out: Path,
+    splits: list[tuple[str, float]],
+    settings: dict[str, Any],
+    split_positions: dict[str, list[int]] | None,
+) -> dict[str, Any] | None:
+    """Check OUT (locked); return the record of the interrupted run it holds, else None."""
+    found = {p.name for p in out.iterdir() if SHARD_NAME_RE.match(p.name)}
+    for stale in [*out.glob(f".{PROGRESS_NAME}.*.tmp"), *out.glob(".shards.json.*.tmp")]:
+        stale.unlink()  # atomic_write_bytes's, left by a killed run of ours
+    if (out / "shards.json").exists():
+        raise InpaintError(
+            f"{out}: already holds shards (shards.json: a finished pack); choose another "
+            "folder, or remove them to pack again",
+            exit_code=2,
+        )
+    progress_path = out / PROGRESS_NAME
+    progress = None
+    if progress_path.exists():
+        progress = _read_progress(progress_path, settings, split_positions)
+        recorded = [info["name"] for r in progress["splits"].values() for info in r["shards"]]
+        if progress["settings"] != settings and (recorded or found):
+            changed = [
+                v for k, v in _SETTING_NAMES.items() if progress["settings"].get(k) != settings[k]
+            ]
+            raise InpaintError(
+                f"{out}: holds the shards of an interrupted run with another "
+                f"{', '.join(changed)}; run that command again to finish it, or remove them",
+                exit_code=2,
+            )
+        if progress["settings"] != settings:
+            progress = None  # a run stopped before its first shard: nothing to keep
+        for name, record in (progress or {"splits": {}})["splits"].items():
+            for info in record["shards"]:
+                shard = out / info["name"]
+                if info["name"] not in found or shard.stat().st_size != info["bytes"]:
+                    raise InpaintError(
+                        f"{shard}: missing or changed since the interrupted run wrote it; "
+                        "remove the folder's shards and start again",
+                        exit_code=2,
+                    )
+                found.discard(info["name"])
+            # Renamed into place after the record was last written: ours, but not recorded.
+            for index in range(len(record["shards"]), len(record["shards"]) + len(found)):
+                if f"{name}-{index:06d}.tar" in found:
+                    (out / f"{name}-{index:06d}.tar").unlink()
+                    found.discard(f"{name}-{index:06d}.tar")
+    # Any other shards, not only those of the splits asked for now: a new split named
     # otherwise would hold the same images (leaking them between splits), and shards.json
     # would describe only the new run.
-    found = sorted(p.name for p in out.iterdir() if SHARD_NAME_RE.match(p.name))
-    found += ["shards.json"] if (out / "shards.json").exists() else []
     if found:
         raise InpaintError(
-            f"{out}: already holds shards ({found[0]}); remove them or choose another folder",
+            f"{out}: already holds shards ({min(found)}); remove them or choose another folder",
             exit_code=2,
         )
     for name, _ in splits:
         for stale in out.glob(f".{name}-*.tar.tmp"):
             stale.unlink()  # left by an interrupted run of ours
+    return progress
 
 
 def _source_items(
@@ -465,7 +649,7 @@ def _source_items(
     if (src / "dataset_dict.json").is_file() or (src / "state.json").is_file():
         return dataset_items(src, image_column, text_column, split_by, warn_metadata)
     items = folder_items(src, text_column, split_by, warn, warn_metadata)
-    if not items and any(src.rglob("*.parquet")):
+    if not items and _parquet_files(src):
         return parquet_items(src, image_column, text_column, split_by, warn_metadata)
     if not items:
         raise InpaintError(f"{src}: no images found", exit_code=2)
@@ -473,8 +657,8 @@ def _source_items(
     return sorted(items, key=lambda item: hashlib.sha1(item.key.encode()).digest())
 
 
-def _chunks(items: Iterable[SourceItem], size: int) -> Iterator[list[SourceItem]]:
-    chunk: list[SourceItem] = []
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
     for item in items:
         chunk.append(item)
         if len(chunk) == size:
@@ -488,9 +672,55 @@ def _load_encoder(text_encoder: str | None):
     from conditioning import TextEncoder, TextEncoderError
 
     try:
-        return TextEncoder(text_encoder)
+        # No cache: a cached embedding would come from whichever batch met its caption first,
+        # and a resumed run meets captions in other batches (the last bits would differ).
+        return TextEncoder(text_encoder, cache_size=0)
     except TextEncoderError as error:
         raise InpaintError(str(error), exit_code=2) from None
+
+
+def _pack(
+    items: Iterable[SourceItem],
+    writers: dict[str, _SplitWriter],
+    split_fractions: list[tuple[str, float]],
+    encoder: Any,
+    warn: Warn,
+    progress_bar: Any,
+) -> None:
+    """Read, check and write every item that no complete shard holds yet."""
+    task = progress_bar.add_task("shards", total=len(items) if isinstance(items, list) else None)
+    # Chunks by position in the source, the same in every run: the text encoder's batches, and
+    # so the last bits of each embedding, are then those of an uninterrupted run.
+    for chunk in _chunks(enumerate(items), _CHUNK):
+        samples = []
+        for position, item in chunk:
+            progress_bar.advance(task)
+            split = assign_split(item.group, split_fractions)
+            if position <= writers[split].through:
+                continue  # in a complete shard already
+            try:
+                ext, data, info = _image_member(item.read_image(), item.name)
+                sample = {"__key__": item.key, ext: data}
+                if item.caption is not None:
+                    sample["txt"] = item.caption.encode("utf-8")
+            except (InpaintError, ValueError, OSError) as error:
+                warn(item.name, str(error))
+                writers[split].skip(position)
+                continue
+            samples.append((position, split, sample, {**item.info, **info}))
+        if encoder is not None and samples:
+            # every caption of the chunk, done and bad items' too: the same batch in every run
+            embeddings = encoder.encode([item.caption or "" for _, item in chunk])
+            rows = embeddings.detach().cpu().float().numpy().astype("<f4")
+            for position, _, sample, info in samples:
+                row = rows[position - chunk[0][0]]
+                sample["emb.f32"] = row.tobytes()
+                info["embedding_dim"] = int(row.shape[0])
+        for position, split, sample, info in samples:
+            sample["json"] = json.dumps(info).encode("utf-8")
+            writers[split].write(sample, position)
+    for writer in writers.values():
+        writer.close()
 
 
 def write_shards(
@@ -509,7 +739,8 @@ def write_shards(
     """Write `<out>/<split>-NNNNNN.tar` shards and `<out>/shards.json`; return the summary.
 
     Bad files are skipped with one warning line each and counted in `skipped`; ignored
-    metadata lines are warned about too, and counted apart in `metadata_skipped`.
+    metadata lines are warned about too, and counted apart in `metadata_skipped`. An
+    interrupted run is resumed: its complete shards are kept and only the rest is packed.
     """
     from rich.console import Console
     from rich.progress import Progress
@@ -525,7 +756,7 @@ def write_shards(
         def warn(name: str, problem: str) -> None:
             counts[count] += 1
             message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
-            console.print(f"warning: {message}", markup=False)
+            console.print(f"warning: {printable(message)}", markup=False)
 
         return warn
 
@@ -533,58 +764,84 @@ def write_shards(
     items = _source_items(
         src, image_column, text_column, split_by, warn, warner("metadata_skipped")
     )
-    _prepare_output(out, src, split_fractions)
     encoder = _load_encoder(text_encoder) if embed_captions else None
-    writers = {name: _SplitWriter(out, name, max_count, max_size) for name, _ in split_fractions}
-    total = len(items) if isinstance(items, list) else None
-    try:
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("shards", total=total)
-            for chunk in _chunks(items, _CHUNK):
-                samples = []
-                for item in chunk:
-                    progress.advance(task)
-                    try:
-                        ext, data, info = _image_member(item.read_image(), item.name)
-                        sample = {"__key__": item.key, ext: data}
-                        if item.caption is not None:
-                            sample["txt"] = item.caption.encode("utf-8")
-                    except (InpaintError, ValueError, OSError) as error:
-                        warn(item.name, str(error))
-                        continue
-                    samples.append((item, sample, {**item.info, **info}))
-                if encoder is not None and samples:
-                    embeddings = encoder.encode([item.caption or "" for item, _, _ in samples])
-                    rows = embeddings.detach().cpu().float().numpy().astype("<f4")
-                    for (_, sample, info), row in zip(samples, rows, strict=True):
-                        sample["emb.f32"] = row.tobytes()
-                        info["embedding_dim"] = int(row.shape[0])
-                for item, sample, info in samples:
-                    sample["json"] = json.dumps(info).encode("utf-8")
-                    writers[assign_split(item.group, split_fractions)].write(sample)
-        for writer in writers.values():
-            writer.close()
-    except BaseException as error:
-        for writer in writers.values():
-            writer.abort()
-        if isinstance(error, OSError):
-            problem = f"cannot write shards ({error.strerror or error})"
-            raise InpaintError(f"{out}: {problem}", exit_code=1) from None
-        raise
-    summary = {
-        "out": str(out),
-        "splits": {
-            name: {
-                "count": writer.count,
-                "shards": [shard.name for shard in writer.shards],
-                "pattern": writer.pattern() if writer.shards else None,
-            }
-            for name, writer in writers.items()
-        },
-        **counts,
+    settings = {
+        "source": str(src.resolve()),
+        "fingerprint": _source_fingerprint(src, items),
+        "splits": split_fractions,
+        "split_by": split_by,
+        "max_count": max_count,
+        "max_size": max_size,
+        "image_column": image_column,
+        "text_column": text_column,
         "text_encoder": encoder.identity() if encoder is not None else None,
     }
-    atomic_write_bytes(out / "shards.json", json.dumps(summary, indent=2).encode("utf-8"))
+    settings = json.loads(json.dumps(settings))  # as read back from the record (lists, not tuples)
+    split_positions = None
+    if isinstance(items, list):
+        split_positions = {name: [] for name, _ in split_fractions}
+        for position, item in enumerate(items):
+            split_positions[assign_split(item.group, split_fractions)].append(position)
+    make_output_folder(out, src)
+    with output_lock(out, "shards"):
+        interrupted = _prepare_output(out, split_fractions, settings, split_positions)
+
+        def record_progress() -> None:
+            splits_done = {name: writer.record() for name, writer in writers.items()}
+            data = json.dumps({"settings": settings, "splits": splits_done}, indent=1)
+            atomic_write_bytes(out / PROGRESS_NAME, data.encode("utf-8"))
+
+        writers = {
+            name: _SplitWriter(out, name, max_count, max_size, record_progress)
+            for name, _ in split_fractions
+        }
+        if interrupted is None:
+            record_progress()  # before any shard exists, so a kill at any moment can resume
+        else:
+            for name, writer in writers.items():
+                writer.resume(interrupted["splits"][name])
+            before = sum(writer.skipped for writer in writers.values())
+            counts["skipped"] += before
+            kept = ", ".join(f"{n} {len(w.shards)}" for n, w in writers.items())
+            bad = f", {before} bad files skipped before" if before else ""
+            console.print(f"resuming an interrupted run: complete shards kept ({kept}){bad}")
+        try:
+            with Progress(console=console, transient=True) as progress_bar:
+                _pack(items, writers, split_fractions, encoder, warn, progress_bar)
+        except BaseException as error:
+            for writer in writers.values():
+                writer.discard_partial()
+            kept = sum(writer.recorded for writer in writers.values())
+            # A shard renamed into place but not yet recorded is ours: the record must stay
+            # for the rerun to know it (and pack it again).
+            resumable = any(writer.shards for writer in writers.values())
+            if not resumable:
+                (out / PROGRESS_NAME).unlink(missing_ok=True)
+            again = f"; {kept} complete shards kept: run the same command again to resume"
+            again = again if resumable else ""
+            if isinstance(error, OSError):
+                problem = f"cannot write shards ({error.strerror or error})"
+                raise InpaintError(f"{out}: {problem}{again}", exit_code=1) from None
+            if isinstance(error, InpaintError) and resumable:
+                raise InpaintError(f"{error}{again}", exit_code=error.exit_code) from None
+            if isinstance(error, KeyboardInterrupt) and resumable:
+                raise InpaintError(f"{out}: interrupted{again}", exit_code=130) from None
+            raise
+        summary = {
+            "out": str(out),
+            "splits": {
+                name: {
+                    "count": writer.count,
+                    "shards": [shard.name for shard in writer.shards],
+                    "pattern": writer.pattern() if writer.shards else None,
+                }
+                for name, writer in writers.items()
+            },
+            **counts,
+            "text_encoder": encoder.identity() if encoder is not None else None,
+        }
+        atomic_write_bytes(out / "shards.json", json.dumps(summary, indent=2).encode("utf-8"))
+        (out / PROGRESS_NAME).unlink(missing_ok=True)
     return summary
 
 

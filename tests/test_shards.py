@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,16 @@ def test_folder_round_trip(tmp_path, make_image_folder, index_of, captions) -> N
         assert not any(name.endswith(".txt") for name in members(tmp_path / "out"))
 
 
+def test_symlinked_folder_with_its_metadata_is_packed(tmp_path, make_image_folder, index_of):
+    rows = make_image_folder(tmp_path / "disk" / "batch1", 3, captions="metadata")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "batch1").symlink_to(tmp_path / "disk" / "batch1", target_is_directory=True)
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    found = load_all(summary["splits"]["train"]["pattern"], index_of)
+    assert sorted(found) == [0, 1, 2]
+    assert {sample["caption"] for sample in found.values()} == {r["text"] for r in rows.values()}
+
+
 def test_metadata_columns_are_kept_in_json(tmp_path, make_image_folder) -> None:
     make_image_folder(tmp_path / "src", 2, captions="metadata", concepts=2)
     write_shards(tmp_path / "src", tmp_path / "out")
@@ -132,6 +143,11 @@ def test_parquet_round_trip_with_named_columns(tmp_path, index_of, png_sample) -
     with pytest.raises(InpaintError, match="no column 'image'") as error:
         write_shards(tmp_path / "pq" / "part0.parquet", tmp_path / "out2")
     assert error.value.exit_code == 2
+    # parquet in a symlinked sub-folder is found, as images are
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "pq").symlink_to(tmp_path / "pq", target_is_directory=True)
+    summary = write_shards(tmp_path / "linked", tmp_path / "out3", image_column="img")
+    assert summary["splits"]["train"]["count"] == 6
 
 
 def test_split_keeps_concepts_apart(tmp_path, make_image_folder, index_of) -> None:
@@ -225,30 +241,279 @@ def test_output_rules(tmp_path, make_image_folder) -> None:
     assert sorted(os.listdir(tmp_path / "out")) == ["shards.json", "train-000000.tar"]
 
 
-def test_interrupted_run_leaves_no_shards(tmp_path, make_image_folder, monkeypatch) -> None:
-    make_image_folder(tmp_path / "src", 9)
+def interrupt_read(monkeypatch, at_call: int) -> tuple[list, object]:
+    """Make the at_call-th image read raise KeyboardInterrupt (Ctrl-C); return (reads, real)."""
     real = shards_module._image_member
-    calls = []
+    reads: list[str] = []
 
-    def interrupted(data, name):
-        calls.append(name)
-        if len(calls) == 7:
+    def reading(data, name):
+        reads.append(name)
+        if len(reads) == at_call:
             raise KeyboardInterrupt
         return real(data, name)
 
-    monkeypatch.setattr(shards_module, "_image_member", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_shards(tmp_path / "src", tmp_path / "out", max_count=2)
-    assert os.listdir(tmp_path / "out") == []  # three shards were complete: removed too
-    monkeypatch.setattr(shards_module, "_image_member", real)
-    assert write_shards(tmp_path / "src", tmp_path / "out")["splits"]["train"]["count"] == 9
+    monkeypatch.setattr(shards_module, "_image_member", reading)
+    monkeypatch.setattr(shards_module, "_CHUNK", 1)  # write as it reads, as on a large folder
+    return reads, real
+
+
+def test_interrupted_run_keeps_complete_shards_and_resumes(
+    tmp_path, make_image_folder, index_of, monkeypatch
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 9)
+    interrupt_read(monkeypatch, 8)
+    with pytest.raises(InpaintError) as error:
+        write_shards(src, out, max_count=2)
+    assert str(error.value) == (
+        f"{out}: interrupted; 3 complete shards kept: run the same command again to resume"
+    )
+    assert error.value.exit_code == 130
+    kept = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sorted(os.listdir(out)) == [".shards-progress.json", *kept]  # no partial shard
+    before = {name: (out / name).read_bytes() for name in kept}
+
+    reads, _ = interrupt_read(monkeypatch, 0)
+    summary = write_shards(src, out, max_count=2)
+    assert len(reads) == 3  # only the images that no complete shard held
+    assert summary["splits"]["train"]["count"] == 9
+    assert summary["splits"]["train"]["shards"] == [*kept, "train-000003.tar", "train-000004.tar"]
+    assert sorted(load_all(summary["splits"]["train"]["pattern"], index_of)) == list(range(9))
+    assert {name: (out / name).read_bytes() for name in kept} == before
+    assert not (out / ".shards-progress.json").exists()
+    with pytest.raises(InpaintError, match="already holds shards"):  # finished: no resume
+        write_shards(src, out, max_count=2)
+
+
+@pytest.mark.parametrize("stop_at_record", [2, 4])  # the first shard's record, the third's
+def test_a_shard_renamed_but_not_recorded_is_written_again(
+    tmp_path, make_image_folder, index_of, monkeypatch, stop_at_record
+) -> None:
+    """A kill between a shard's rename and the record of it: the rerun replaces that shard."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 9)
+    monkeypatch.setattr(shards_module, "_CHUNK", 1)
+    real_write = shards_module.atomic_write_bytes
+    records = []
+
+    def killed_at_a_record(path, data):
+        records.append(path)
+        if len(records) == stop_at_record:  # the first record is written before any shard
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", killed_at_a_record)
+    with pytest.raises(InpaintError) as error:
+        write_shards(src, out, max_count=2)
+    recorded = stop_at_record - 2
+    assert str(error.value).startswith(f"{out}: interrupted; {recorded} complete shards kept")
+    assert (out / f"train-{recorded:06d}.tar").exists()  # renamed, not recorded
+    monkeypatch.setattr(shards_module, "atomic_write_bytes", real_write)
+    summary = write_shards(src, out, max_count=2)
+    assert summary["splits"]["train"]["count"] == 9
+    assert sorted(load_all(summary["splits"]["train"]["pattern"], index_of)) == list(range(9))
+
+
+def test_bad_files_before_an_interruption_still_count_after_resuming(
+    tmp_path, make_image_folder, monkeypatch
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 10)
+    quiet = lambda *_: None  # noqa: E731
+    first = shards_module._source_items(src, "image", "text", None, quiet, quiet)[0]
+    Path(first.name).write_bytes(b"not a png")  # the first image read: in a complete shard
+    interrupt_read(monkeypatch, 10)
+    command = ["shards", str(src), str(out), "--max-count", "2"]
+    stopped = CliRunner().invoke(app, command)
+    assert stopped.exit_code == 130
+    assert stopped.output.strip().splitlines()[-1].startswith(f"error: {out}: interrupted; 3")
+    reads, _ = interrupt_read(monkeypatch, 0)
+    resumed = CliRunner().invoke(app, command)
+    assert resumed.exit_code == 1  # one file was skipped, in the first run
+    assert "resuming an interrupted run: complete shards kept (train 3), 1 bad files" in (
+        resumed.output
+    )
+    assert "skipped: 1 bad files" in resumed.output
+    assert first.name not in reads and len(reads) == 3
+    assert json.loads((out / "shards.json").read_text())["splits"]["train"]["count"] == 9
+
+
+def test_a_resume_with_other_settings_or_files_is_refused(
+    tmp_path, make_image_folder, monkeypatch
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 9)
+    interrupt_read(monkeypatch, 8)
+    with pytest.raises(InpaintError, match="interrupted"):
+        write_shards(src, out, max_count=2)
+    listing = sorted(os.listdir(out))
+    interrupt_read(monkeypatch, 0)
+    with pytest.raises(InpaintError, match="another --max-count; run that command") as error:
+        write_shards(src, out, max_count=3)
+    assert error.value.exit_code == 2
+    with pytest.raises(InpaintError, match="another --splits"):
+        write_shards(src, out, max_count=2, splits="train=0.5,val=0.5")
+    Image.new("RGB", (4, 4)).save(src / "new.png")
+    with pytest.raises(InpaintError, match="another list of source files or captions"):
+        write_shards(src, out, max_count=2)
+    (src / "new.png").unlink()
+    (out / ".shards-progress.json").write_text("{")
+    with pytest.raises(InpaintError, match="damaged record of an interrupted run"):
+        write_shards(src, out, max_count=2)
+    assert sorted(os.listdir(out)) == listing  # nothing of the interrupted run was touched
+
+
+def test_interrupted_parquet_run_resumes(tmp_path, index_of, png_sample, monkeypatch) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    table = pa.table({"image": [{"bytes": png_sample(i, (5, 7)), "path": None} for i in range(7)]})
+    pq.write_table(table, tmp_path / "pq" / "part.parquet")
+    interrupt_read(monkeypatch, 6)
+    with pytest.raises(InpaintError, match="2 complete shards kept"):
+        write_shards(tmp_path / "pq", tmp_path / "out", max_count=2)
+    reads, _ = interrupt_read(monkeypatch, 0)
+    summary = write_shards(tmp_path / "pq", tmp_path / "out", max_count=2)
+    assert len(reads) == 3
+    assert sorted(load_all(summary["splits"]["train"]["pattern"], index_of)) == list(range(7))
+
+
+def test_a_second_pack_into_the_same_folder_is_refused_while_one_runs(
+    tmp_path, make_image_folder
+) -> None:
+    from inpaint_cli.images import output_lock
+
+    make_image_folder(tmp_path / "src", 3)
+    (tmp_path / "out").mkdir()
+    with output_lock(tmp_path / "out", "shards"):  # as a running `inpaint shards` holds it
+        with pytest.raises(InpaintError, match="another `inpaint shards` is writing") as error:
+            write_shards(tmp_path / "src", tmp_path / "out")
+    assert error.value.exit_code == 2
+    assert os.listdir(tmp_path / "out") == []
+    assert write_shards(tmp_path / "src", tmp_path / "out")["splits"]["train"]["count"] == 3
+
+
+def test_resumed_embeddings_are_those_of_an_uninterrupted_run(
+    tmp_path, make_image_folder, monkeypatch
+) -> None:
+    import conditioning
+
+    class BatchSensitiveEncoder(FakeEncoder):
+        """Like a real encoder, each row's last bits depend on what else is in its batch."""
+
+        def encode(self, captions):
+            rows = super().encode(captions)
+            return rows + 1e-6 * sum(len(caption) for caption in captions)
+
+    monkeypatch.setattr(conditioning, "TextEncoder", BatchSensitiveEncoder)
+    make_image_folder(tmp_path / "src", 12, captions="sidecar")
+    for index in range(12):  # captions of different lengths
+        (tmp_path / "src" / f"img_{index}.txt").write_text("word " * index, encoding="utf-8")
+    options = {"max_count": 2, "embed_captions": True, "splits": "train=0.7,val=0.3"}
+    monkeypatch.setattr(shards_module, "_CHUNK", 4)
+    write_shards(tmp_path / "src", tmp_path / "whole", **options)
+    interrupt_read(monkeypatch, 7)
+    monkeypatch.setattr(shards_module, "_CHUNK", 4)
+    with pytest.raises(InpaintError, match="interrupted"):
+        write_shards(tmp_path / "src", tmp_path / "resumed", **options)
+    interrupt_read(monkeypatch, 0)
+    monkeypatch.setattr(shards_module, "_CHUNK", 4)
+    write_shards(tmp_path / "src", tmp_path / "resumed", **options)
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "resumed")) == names
+    for name in [name for name in names if name.endswith(".tar")]:
+        assert (tmp_path / "resumed" / name).read_bytes() == (
+            tmp_path / "whole" / name
+        ).read_bytes()
+
+
+def test_what_a_resume_accepts_and_refuses_as_a_change_of_source(
+    tmp_path, make_image_folder, png_sample, monkeypatch
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def interrupted(src, out) -> None:
+        interrupt_read(monkeypatch, 4)
+        with pytest.raises(InpaintError, match="interrupted"):
+            write_shards(src, out, max_count=2)
+        interrupt_read(monkeypatch, 0)
+
+    refused = "interrupted run with another list of source files or captions"
+    make_image_folder(tmp_path / "src", 6, captions="metadata", concepts=2)
+    interrupted(tmp_path / "src", tmp_path / "a")
+    Image.new("RGB", (30, 30)).save(tmp_path / "src" / "img_5.png")  # other pixels, other size
+    with pytest.raises(InpaintError, match=refused):
+        write_shards(tmp_path / "src", tmp_path / "a", max_count=2)
+    make_image_folder(tmp_path / "src2", 6, captions="metadata", concepts=2)
+    interrupted(tmp_path / "src2", tmp_path / "b")
+    metadata = tmp_path / "src2" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("concept1", "concept9"))  # not a caption
+    with pytest.raises(InpaintError, match=refused):
+        write_shards(tmp_path / "src2", tmp_path / "b", max_count=2)
+
+    (tmp_path / "pq").mkdir()
+    table = pa.table({"image": [{"bytes": png_sample(i), "path": None} for i in range(6)]})
+    pq.write_table(table, tmp_path / "pq" / "part.parquet")
+    interrupted(tmp_path / "pq", tmp_path / "c")
+    (tmp_path / "pq" / "README.txt").write_text("notes")  # not data
+    os.utime(tmp_path / "pq" / "part.parquet", (1, 1))  # copied without its times
+    monkeypatch.chdir(tmp_path)
+    summary = write_shards(Path("pq"), tmp_path / "c", max_count=2)  # spelled otherwise
+    assert summary["splits"]["train"]["count"] == 6
+
+
+def test_a_record_that_does_not_add_up_is_refused(tmp_path, make_image_folder, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src, 9)
+    interrupt_read(monkeypatch, 8)
+    with pytest.raises(InpaintError, match="3 complete shards kept"):
+        write_shards(src, out, max_count=2)
+    interrupt_read(monkeypatch, 0)
+    path = out / ".shards-progress.json"
+    good = json.loads(path.read_text())
+    edits = {
+        "through": lambda train: train.update(through=10**6),
+        "shards": lambda train: train.update(shards=train["shards"][:1]),
+        "samples": lambda train: train["shards"][0].update(samples=-5),
+    }
+    for edit in edits.values():
+        record = json.loads(json.dumps(good))
+        edit(record["splits"]["train"])
+        path.write_text(json.dumps(record))
+        with pytest.raises(InpaintError, match="damaged record of an interrupted run"):
+            write_shards(src, out, max_count=2)
+    path.write_text(json.dumps(good))
+    with open(out / "train-000001.tar", "ab") as shard:
+        shard.write(b"\0" * 512)
+    with pytest.raises(InpaintError, match="train-000001.tar: missing or changed"):
+        write_shards(src, out, max_count=2)
+
+
+def test_a_finished_pack_is_named_as_such_and_stale_temporaries_go(
+    tmp_path, make_image_folder
+) -> None:
+    make_image_folder(tmp_path / "src", 2)
+    write_shards(tmp_path / "src", tmp_path / "out")
+    with pytest.raises(InpaintError, match=r"already holds shards \(shards.json: a finished pack"):
+        write_shards(tmp_path / "src", tmp_path / "out")
+    (tmp_path / "again").mkdir()
+    for stale in ["..shards-progress.json.0a1b2c3d.tmp", ".shards.json.0a1b2c3d.tmp"]:
+        (tmp_path / "again" / stale).write_text("left by a kill -9")
+    write_shards(tmp_path / "src", tmp_path / "again")
+    assert sorted(os.listdir(tmp_path / "again")) == ["shards.json", "train-000000.tar"]
 
 
 def test_disk_full_while_writing_is_one_clear_error(tmp_path, make_image_folder, monkeypatch):
     make_image_folder(tmp_path / "src", 3)
 
+    real_replace = os.replace
+
     def no_space(source, destination):
-        raise OSError(28, "No space left on device")
+        if str(source).endswith(".tar.tmp"):  # the shard, not the progress record
+            raise OSError(28, "No space left on device")
+        real_replace(source, destination)
 
     monkeypatch.setattr(shards_module.os, "replace", no_space)
     with pytest.raises(InpaintError) as error:
@@ -263,7 +528,7 @@ class FakeEncoder:
 
     dim = 5
 
-    def __init__(self, path=None, device="cpu") -> None:
+    def __init__(self, path=None, device="cpu", cache_size=100_000) -> None:
         self.path = path
 
     def encode(self, captions: list[str]) -> torch.Tensor:
@@ -400,6 +665,32 @@ def test_exit_code_is_1_when_files_are_skipped_and_metadata_lines_count_apart(
     assert "skipped: 1 bad files" in result.output  # not 4: metadata lines are not files
     assert "train: 2 samples in 1 shard" in result.output  # the good ones are still written
     assert (tmp_path / "o4" / "train-000000.tar").is_file()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_captions_with_unicode_line_separators_are_kept(tmp_path, kind, capsys) -> None:
+    (tmp_path / "src").mkdir()
+    captions = ["line one\u2028line two", "x\x85y", "a\x1cb"]
+    for index in range(3):
+        Image.new("RGB", (4, 4), (index, 0, 0)).save(tmp_path / "src" / f"a{index}.png")
+    if kind == "jsonl":
+        lines = [json.dumps({"file_name": f"a{i}.png", "text": c}, ensure_ascii=False)
+                 for i, c in enumerate(captions)]  # fmt: skip
+        lines.insert(2, "{broken")
+        (tmp_path / "src" / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+    else:
+        rows = "".join(f"a{i}.png,{c}\r\n" for i, c in enumerate(captions))
+        (tmp_path / "src" / "metadata.csv").write_text(f"file_name,text\r\n{rows}", "utf-8")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    found = {}
+    with tarfile.open(tmp_path / "out" / summary["splits"]["train"]["shards"][0]) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".txt"):
+                found[member.name] = tar.extractfile(member).read().decode("utf-8")
+    assert sorted(found.values()) == sorted(captions)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    broken = f"warning: {tmp_path / 'src' / 'metadata.jsonl'} line 3: not a JSON object"
+    assert warnings == ([broken] if kind == "jsonl" else [])
 
 
 @pytest.mark.parametrize("captions", ["metadata", "csv", "sidecar"])
