@@ -65,7 +65,8 @@ def shards(
     ),
 ) -> None:
     """Pack an image folder (captions from metadata.jsonl/csv, sidecar .txt, or none) into
-    webdataset tar shards, split by a hash of a grouping column.
+    webdataset tar shards, split by a hash of a grouping column. Interrupted? Run the same
+    command again: complete shards are kept and only the rest is packed.
 
     Example: `inpaint shards photos/ shards/ --splits train=0.9,val=0.05,test=0.05`
     """
@@ -147,6 +148,11 @@ def train(
     hole_area: str = typer.Option("0.1-0.5", help="Hole area range (fraction of the image)."),
     val_every: int = typer.Option(500, min=1, help="Validate every V steps."),
     val_samples: int = typer.Option(256, min=1, help="Validation images per validation."),
+    patience: int = typer.Option(
+        0,
+        min=0,
+        help="Stop once this many validations in a row gave no new best NLL (0: run every step).",
+    ),
     checkpoint_every: int = typer.Option(500, min=1, help="Checkpoint every K steps."),
     checkpoint_minutes: float = typer.Option(
         10.0,
@@ -198,6 +204,7 @@ def train(
         hole_area=hole_area,
         val_every=val_every,
         val_samples=val_samples,
+        patience=patience,
         checkpoint_every=checkpoint_every,
         checkpoint_minutes=checkpoint_minutes,
         keep_last=keep_last,

@@ -229,16 +229,12 @@ def export_model(
 
 def _check_export_target(run_dir: Path, out: Path) -> None:
     """Refuse an export folder whose files the export would destroy: a checkpoint (`--resume`
-    would go on from the exported weights) or anything in the run's checkpoints folder, a file,
-    or a folder of other files. A new or empty folder, or a model folder (re-export), is fine."""
-    from model.hvae import CONFIG_NAME
-
+    would go on from the exported weights) or anything in the run's checkpoints folder, the
+    `best/` or `model/` folder of any training run, a file, or a folder of other files. A new
+    or empty folder, or a model folder of this project (re-export), is fine."""
     if out.resolve().is_relative_to((run_dir / CHECKPOINTS).resolve()):
         raise InpaintError(f"{out}: inside the run's checkpoints folder; choose another --out")
-    for own in ("best", "model"):
-        # training writes these two; another step there would pass for the best or newest
-        if out.resolve() == (run_dir / own).resolve():
-            raise InpaintError(f"{out}: the run's own {own}/ folder; choose another --out")
+    _refuse_run_model_folder(run_dir, out)
     if (out / STATE_FILE).exists():
         raise InpaintError(
             f"{out}: a training checkpoint, not a model folder; choose another --out"
@@ -246,14 +242,55 @@ def _check_export_target(run_dir: Path, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InpaintError(f"{out}: not a folder")
     try:
-        foreign = out.is_dir() and not (out / CONFIG_NAME).is_file() and any(out.iterdir())
+        foreign = out.is_dir() and any(out.iterdir())
     except OSError as error:
         raise InpaintError(f"{out}: cannot read ({error.strerror or error})", 1) from None
     if foreign:
+        _refuse_unless_model_folder(out)
+
+
+# The folders `inpaint train` writes its newest and its best EMA weights to, beside run.json.
+RUN_MODEL_FOLDERS = ("best", "model")
+
+
+def _refuse_run_model_folder(run_dir: Path, out: Path) -> None:
+    # Training rewrites these; another step there would pass for that run's best or newest.
+    target = out.resolve()
+    if target.name not in RUN_MODEL_FOLDERS:
+        return
+    if target.parent == run_dir.resolve():
+        raise InpaintError(f"{out}: the run's own {target.name}/ folder; choose another --out")
+    if (target.parent / "run.json").is_file():
+        raise InpaintError(
+            f"{out}: the {target.name}/ folder of the training run {target.parent}; "
+            "choose another --out"
+        )
+
+
+def _refuse_unless_model_folder(out: Path) -> None:
+    """Refuse a folder with files unless its config.json is a model config of this project:
+    any other config.json (a Hugging Face model, say) belongs to files the export would
+    replace. Only the config is read: nothing is built."""
+    from model.hvae import CONFIG_NAME, HVAEConfig
+
+    config_path = out / CONFIG_NAME
+    if not config_path.is_file():
         raise InpaintError(
             f"{out}: holds files but is not a model folder (no {CONFIG_NAME}); "
             "choose a new or empty folder"
         )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        HVAEConfig.from_dict(config)
+    except OSError as error:
+        raise InpaintError(f"{config_path}: cannot read ({error.strerror or error})", 1) from None
+    except (UnicodeDecodeError, TypeError, ValueError) as error:
+        raise InpaintError(
+            f"{out}: holds files but is not a model folder of inpaint ({CONFIG_NAME}: {error}); "
+            "choose a new or empty folder"
+        ) from None
 
 
 def write_model_folder(model: torch.nn.Module, folder: Path) -> None:

@@ -18,6 +18,7 @@ fewer shards than that, samples are (every process reads all shards and keeps it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 from inpaint_cli.images import decode_image, image_to_rgb_uint8
 from inpaint_cli.masks import check_kind, make_mask, stable_seed
 
@@ -60,8 +61,14 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     urls: list[str] = []
     for part in parts:
         part = str(part).strip()
+        whole = list(braceexpand.braceexpand(part)) if part else []
+        # A folder name may hold a comma ("runs/a,b/train-{000000..000003}.tar"): a pattern whose
+        # files all exist is taken whole before commas are read as separators.
+        if part.startswith("pipe:") or (whole and all(Path(url).is_file() for url in whole)):
+            urls.extend(whole)
+            continue
         # Split on commas outside braces only: "a-{0,1}.tar,b.tar" is two patterns.
-        pieces = [part] if part.startswith("pipe:") else re.split(r",(?![^{]*\})", part)
+        pieces = re.split(r",(?![^{]*\})", part)
         for piece in pieces:
             if piece.strip():
                 urls.extend(braceexpand.braceexpand(piece.strip()))
@@ -93,8 +100,7 @@ def _check_local(urls: list[str]) -> None:
 
 def _warn(message: str) -> None:
     # Member names come from the shard: escape control characters to keep one line each.
-    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-    print(f"warning: {line}", file=sys.stderr, flush=True)
+    print(f"warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _split_member(name: str) -> tuple[str | None, str]:
@@ -498,6 +504,22 @@ class _EvalStream(torch.utils.data.IterableDataset):
         yield {"key": [], "_stats": _take_counts(stats, sent)}
 
 
+def die_with_parent(_worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: the worker is killed when its parent dies (Linux).
+
+    PyTorch's own check for a dead parent runs between items; a worker blocked writing a full
+    queue never gets there, so one orphaned by a kill -9 would hang on, holding the job's
+    stdout open (a script reading it would wait forever)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+
 class ShardLoader:
     """Iterable of batch dicts; `stats` counts skipped samples and bad shards seen so far.
 
@@ -511,7 +533,10 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=die_with_parent if self.num_workers else None,
         )
         for batch in loader:
             for name, count in batch.pop("_stats").items():

@@ -9,6 +9,7 @@ Under `accelerate launch` every process takes a disjoint share of the sorted fil
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -34,12 +35,13 @@ from rich.progress import (
 from rich.text import Text
 
 from inpaint_cli import run_plan, windows
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 from inpaint_cli.images import (
     atomic_write_bytes,
     image_to_rgb_uint8,
     load_image,
     load_mask,
+    output_lock,
     save_png_atomic,
 )
 from inpaint_cli.run_plan import FAILURES_NAME, MANIFEST_NAME, Item
@@ -49,6 +51,8 @@ FATAL_WRITE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
 )
 SHRINK_WARNING = 4.0
+# A hole this large is more often a black-on-white mask than a wish to redraw the image.
+INVERTED_MASK_WARNING = 0.75
 GRID_ROWS = 64
 GRID_CELL = 128
 
@@ -94,7 +98,7 @@ class _Log:
         self.console = Console(stderr=True)
 
     def line(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -157,8 +161,11 @@ class _PrepareDataset:
         rgb = image_to_rgb_uint8(img)
         mode, base = windows.output_base(img, rgb)
         mask = _load_hole_mask(item, img.size, self.options)
+        frames = img.info.get("frames", 1)
         del img
         prepared = Prepared(index, mode=mode, base=base, rgb=rgb, mask=mask, caption=item.caption)
+        if frames > 1:
+            prepared.notes.append(f"note: {item.source}: {frames} frames, the first is filled")
         if prepared.caption is None and item.sidecar is not None and self.read_sidecars:
             try:
                 prepared.caption = item.sidecar.read_text(encoding="utf-8").strip()
@@ -171,6 +178,13 @@ class _PrepareDataset:
             crop, hole = windows.crop_window(rgb, mask, window, self.resolution)
             prepared.crops.append(crop)
             prepared.holes.append(hole)
+        hole_fraction = float(mask.mean())
+        if hole_fraction > INVERTED_MASK_WARNING:
+            # The usual cause is a mask drawn black-on-white; the fill goes on as asked.
+            prepared.notes.append(
+                f"warning: {item.source}: the hole covers {hole_fraction:.0%} of the image "
+                "(white = hole); is the mask inverted?"
+            )
         shrink = max((w.shrink(self.resolution) for w in prepared.windows), default=1.0)
         if shrink > SHRINK_WARNING:
             prepared.notes.append(
@@ -457,6 +471,8 @@ def _process(
 ) -> _Counts:
     from torch.utils.data import DataLoader
 
+    from inpaint_cli.data import die_with_parent
+
     dataset = _PrepareDataset(share, options, model.config.resolution, encoder is not None)
     loader = DataLoader(
         dataset,
@@ -465,6 +481,7 @@ def _process(
         num_workers=options.num_workers,
         collate_fn=_first,
         prefetch_factor=2 if options.num_workers > 0 else None,
+        worker_init_fn=die_with_parent if options.num_workers > 0 else None,
     )
     progress = Progress(
         TextColumn("filling"),
@@ -655,62 +672,69 @@ def run_folder(options: RunOptions) -> dict:
     if strength is not None:
         model.config.caption_strength = strength
     encoder = _load_text_encoder(options, config, model_dir, device) if captioned else None
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InpaintError(f"{out}: cannot create ({error.strerror})", exit_code=1) from None
-        run_plan.remove_stale_temps(out)
-        record = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": str(model_dir),
-            "settings": settings,
-            "options": run_plan.options_record(options),
-            "world_size": world,
-        }
-        lines = earlier + [json.dumps(record, ensure_ascii=False)]
-        atomic_write_bytes(out / MANIFEST_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
-    state.wait_for_everyone()
-
-    pending = [item for item, finished in zip(items, done, strict=True) if not finished]
-    share = pending[rank::world]  # sorted list, disjoint shares
-    show_progress = is_main and log.console.is_terminal
-    counts = _process(options, share, out, model, encoder, device, log, show_progress)
-    if world == 1:
-        _write_failures(out, FAILURES_NAME, counts.failures)
-        totals = [counts]
-    else:
-        _write_failures(out, f"failures.rank{rank}.jsonl", counts.failures)
-        totals = gather_object([counts])  # also a barrier: every rank has written its file
+    with contextlib.ExitStack() as held:
         if is_main:
-            _merge_failures(out, world)
-    summary = {
-        "done": sum(c.done for c in totals),
-        "skipped": sum(done),
-        "failed": sum(c.failed for c in totals),
-        "copied": sum(c.copied for c in totals),
-        "total": len(items),
-        "seconds": round(time.perf_counter() - start, 3),
-        "out": str(out),
-        "failures_file": str(out / FAILURES_NAME),
-        "world_size": world,
-        "stopped_early": any(c.stopped for c in totals),
-        "failures": sorted((f for c in totals for f in c.failures), key=lambda f: f["file"]),
-    }
-    summary["images_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
-    grid_error = None
-    if is_main:
-        if options.grid is not None:
             try:
-                grid = _write_grid(options, items, out, log)
-            except InpaintError as error:  # the outputs are done: still print the summary
-                grid, grid_error = None, error
-            summary["grid"] = str(grid) if grid else None
-        _print_summary(summary, options)
-    if world > 1:
-        # gloo's threads must stop before the interpreter does, or a rank can abort at exit
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise InpaintError(
+                    f"{out}: cannot create ({error.strerror})", exit_code=1
+                ) from None
+            # one run per OUT: a second would fill the same images and rewrite the manifest
+            held.enter_context(output_lock(out, "run"))
+            run_plan.remove_stale_temps(out)
+            record = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": str(model_dir),
+                "settings": settings,
+                "options": run_plan.options_record(options),
+                "world_size": world,
+            }
+            lines = earlier + [json.dumps(record, ensure_ascii=False)]
+            atomic_write_bytes(out / MANIFEST_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
         state.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-    if grid_error is not None:
-        raise InpaintError(f"{grid_error}; no grid written, the outputs are complete", exit_code=1)
-    return summary
+
+        pending = [item for item, finished in zip(items, done, strict=True) if not finished]
+        share = pending[rank::world]  # sorted list, disjoint shares
+        show_progress = is_main and log.console.is_terminal
+        counts = _process(options, share, out, model, encoder, device, log, show_progress)
+        if world == 1:
+            _write_failures(out, FAILURES_NAME, counts.failures)
+            totals = [counts]
+        else:
+            _write_failures(out, f"failures.rank{rank}.jsonl", counts.failures)
+            totals = gather_object([counts])  # also a barrier: every rank has written its file
+            if is_main:
+                _merge_failures(out, world)
+        summary = {
+            "done": sum(c.done for c in totals),
+            "skipped": sum(done),
+            "failed": sum(c.failed for c in totals),
+            "copied": sum(c.copied for c in totals),
+            "total": len(items),
+            "seconds": round(time.perf_counter() - start, 3),
+            "out": str(out),
+            "failures_file": str(out / FAILURES_NAME),
+            "world_size": world,
+            "stopped_early": any(c.stopped for c in totals),
+            "failures": sorted((f for c in totals for f in c.failures), key=lambda f: f["file"]),
+        }
+        summary["images_per_second"] = round(summary["done"] / max(summary["seconds"], 1e-9), 3)
+        grid_error = None
+        if is_main:
+            if options.grid is not None:
+                try:
+                    grid = _write_grid(options, items, out, log)
+                except InpaintError as error:  # the outputs are done: still print the summary
+                    grid, grid_error = None, error
+                summary["grid"] = str(grid) if grid else None
+            _print_summary(summary, options)
+        if world > 1:
+            # gloo's threads must stop before the interpreter does, or a rank can abort at exit
+            state.wait_for_everyone()
+            torch.distributed.destroy_process_group()
+        if grid_error is not None:
+            raise InpaintError(
+                f"{grid_error}; no grid written, the outputs are complete", exit_code=1
+            )
+        return summary

@@ -18,7 +18,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from inpaint_cli.errors import InpaintError
-from inpaint_cli.images import IMAGE_EXTENSIONS, MASK_NAME_RE, list_images
+from inpaint_cli.images import (
+    IMAGE_EXTENSIONS,
+    MASK_NAME_RE,
+    check_output_place,
+    list_images,
+    walk_files,
+)
 
 if TYPE_CHECKING:
     from inpaint_cli.run import RunOptions
@@ -115,22 +121,7 @@ def check_paths(options: RunOptions) -> tuple[Path, Path, Path]:
         raise InpaintError(f"{options.masks}: no such mask file or folder", exit_code=2)
     if out.exists() and not out.is_dir():
         raise InpaintError(f"{options.out}: is a file, --out must be a folder", exit_code=2)
-    # Outputs keep the inputs' relative paths: in IMAGES' own folder they could replace inputs
-    # or files of the user's that were never inputs, and in a folder above it they would land
-    # among the inputs and be read back as inputs by the next run.
-    folder = images if images.is_dir() else images.parent
-    if out.resolve() == folder.resolve():
-        which = "the IMAGES folder itself" if images.is_dir() else f"the folder of {images.name}"
-        raise InpaintError(
-            f"{options.out}: --out is {which}; outputs could replace inputs, choose another folder",
-            exit_code=2,
-        )
-    if _inside(folder.resolve(), out.resolve()):
-        raise InpaintError(
-            f"{options.out}: --out contains the images ({folder}); outputs would be mixed with "
-            "the inputs, choose a folder outside it",
-            exit_code=2,
-        )
+    check_output_place(images, options.out)
     if masks.is_dir() and masks.resolve() == out.resolve():
         raise InpaintError(
             f"{options.out}: --out is the MASKS folder itself; outputs could replace masks, "
@@ -234,7 +225,7 @@ class MaskFinder:
         skipped = None
         if out is not None and _inside(out.resolve(), masks.resolve()):
             skipped = out.resolve()
-        for path in sorted(masks.rglob("*")):
+        for path in walk_files(masks):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
                 continue
             relative = path.relative_to(masks)

@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 
 from inpaint_cli import checkpoint as ckpt
 from inpaint_cli.errors import InpaintError
-from inpaint_cli.images import atomic_write_bytes
+from inpaint_cli.images import atomic_write_bytes, output_lock
 from inpaint_cli.metrics import PSNR_CAP_DB
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -65,6 +65,8 @@ class TrainConfig:
     hole_area: str = "0.1-0.5"
     val_every: int = 500
     val_samples: int = 256
+    # stop once this many validations in a row brought no new best NLL (0: run all the steps)
+    patience: int = 0
     checkpoint_every: int = 500
     checkpoint_minutes: float = 10.0  # 0: no time-based checkpoints
     keep_last: int = 3
@@ -268,6 +270,10 @@ def _validated(config: TrainConfig) -> tuple[list[str], tuple[float, float]]:
         raise InpaintError("--lr: must be a positive number")
     if config.warmup_steps < 0 or config.checkpoint_minutes < 0 or config.num_workers < 0:
         raise InpaintError("--warmup-steps, --checkpoint-minutes, --num-workers: must be >= 0")
+    if config.patience < 0:
+        raise InpaintError("--patience: must be >= 0")
+    if config.patience and not config.val_data:
+        raise InpaintError("--patience needs --val-data: it counts validations without a new best")
     if not 0.0 <= config.ema_decay < 1.0:
         raise InpaintError("ema_decay: must be in [0, 1)")
     out = Path(config.out)
@@ -456,6 +462,39 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[package] = None
     return found
+
+
+def _shards_from_anywhere(spec: str | None) -> str | None:
+    """`spec` (--data, --val-data) with its local paths made absolute, for run.json: `inpaint
+    report` reads the shards from whatever folder it runs in. `pipe:` commands and URLs are
+    kept as given, and so is a spec whose absolute form would name other shards (a working
+    folder whose name holds braces or '::'). Checkpoints keep the spec as given: a resume
+    compares those with its command line."""
+    import re
+
+    from inpaint_cli.data import expand_urls
+
+    if not spec:
+        return spec
+    cwd = os.getcwd()
+
+    def absolute(piece: str) -> str:  # local as data._check_local reads it
+        piece = piece.strip()
+        remote = piece.startswith("pipe:") or "://" in piece
+        return piece if remote or not piece else os.path.join(cwd, piece)
+
+    def each_piece(part: str) -> str:
+        if part.startswith("pipe:"):  # a command is one piece, commas and all
+            return part
+        return ",".join(map(absolute, re.split(r",(?![^{]*\})", part)))  # as expand_urls splits
+
+    parts = [part.strip() for part in spec.split("::")]
+    wanted = [absolute(url) for url in expand_urls(spec)]
+    # a pattern or a folder name with a comma is taken whole, a list of patterns piece by piece
+    for candidate in ("::".join(map(absolute, parts)), "::".join(map(each_piece, parts))):
+        if expand_urls(candidate) == wanted:
+            return candidate
+    return spec
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -739,6 +778,11 @@ def load_checkpoint(
 
 def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Train (or resume) a run in `config.out`; returns a summary of what was done."""
+    with ExitStack() as held:  # the run folder's lock, for as long as training runs
+        return _train(config, hooks, held)
+
+
+def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> dict[str, Any]:
     import importlib.util
 
     from accelerate import Accelerator
@@ -828,6 +872,9 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise InpaintError(f"{run_dir}: cannot create ({error.strerror})", 1) from None
+        # one training per run folder: a second would take the first's checkpoints in the
+        # making for leftovers of a kill, and both would write the same logs
+        held.enter_context(output_lock(run_dir, "train"))
         ckpt.remove_unfinished(run_dir)
 
     # -- model, EMA, text encoder: identical initial weights on every rank
@@ -887,7 +934,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
             "git": _git_commit(),
             "world_size": world,
             "device": str(device),
-            "config": dataclasses.asdict(config),
+            "config": dataclasses.asdict(config)
+            | {key: _shards_from_anywhere(getattr(config, key)) for key in ("data", "val_data")},
             "model_config": dataclasses.asdict(model_config),
             "kl_warmup_steps": kl_warmup,
             "resumes": [],
@@ -947,6 +995,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
     session_seconds = 0.0
     last_checkpoint_time = time.monotonic()
     last_reduced: dict[str, Any] = {}
+    stopped_early = False
     model.train()
     with progress:
         for step in range(start_step, config.steps):
@@ -1051,6 +1100,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                 means = (window["sums"] / window["count"]).tolist() if window["count"] else None
                 record = {
                     "step": state["step"],
+                    # fewer than log_every after a resume from a step between two log rows
+                    "steps_averaged": window["steps"],
                     "loss": means[0] if means else None,
                     "nll_bits_per_dim": means[1] if means else None,
                     "recon_bits_per_dim": means[2] if means else None,
@@ -1122,10 +1173,14 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                             ckpt.write_model_folder(ema, run_dir / "best")
                     if has_tensorboard:
                         accelerator.log({"val/nll": result["nll_bits_per_dim"]}, step=state["step"])
+                    # counted in steps since the best, so a resumed run counts the same way
+                    since_best = state["step"] - state["best_step"]
+                    patience_spent = since_best >= config.patience * config.val_every
+                    stopped_early = bool(config.patience) and patience_spent and not finished
 
             # -- checkpoint every K steps, every `checkpoint_minutes`, at a new best, at the end
             checkpoint_due = state["step"] % config.checkpoint_every == 0 or time_due
-            if checkpoint_due or new_best or finished or val_failed:
+            if checkpoint_due or new_best or finished or val_failed or stopped_early:
                 full_state = {
                     **state,
                     "data_skipped_samples": data_skipped["skipped_samples"],
@@ -1156,6 +1211,8 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
                 )
             if hooks.after_step is not None:
                 hooks.after_step(state["step"])
+            if stopped_early:
+                break
 
     # -- per-rank record: which samples this rank saw and a digest of its final weights
     rank_record = {
@@ -1186,6 +1243,7 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
         "final_nll_bits_per_dim": last_reduced.get("nll_bits_per_dim"),
         "best_val_nll": state["best_val_nll"],
         "best_step": state["best_step"],
+        "stopped_early": stopped_early,
         "images_per_second": (state["step"] - start_step) * images_per_step / session_seconds
         if session_seconds > 0
         else None,
@@ -1194,7 +1252,12 @@ def train(config: TrainConfig, hooks: TrainHooks | None = None) -> dict[str, Any
     if main:
         accelerator.print(
             f"trained {state['step'] - start_step} steps to step {state['step']} "
-            f"({skipped} updates skipped); EMA model in {run_dir / 'model'}"
+            + (
+                f"(stopped early: no new best validation NLL for {config.patience} validations) "
+                if stopped_early
+                else ""
+            )
+            + f"({skipped} updates skipped); EMA model in {run_dir / 'model'}"
             + (
                 f", best (val NLL {state['best_val_nll']:.4f} bits/dim at step "
                 f"{state['best_step']}) in {run_dir / 'best'}"

@@ -78,6 +78,16 @@ def test_expand_urls() -> None:
             expand_urls(bad)
 
 
+def test_printed_shard_pattern_works_in_a_folder_with_a_comma(tmp_path, make_image_folder) -> None:
+    from inpaint_cli.shards import write_shards
+
+    make_image_folder(tmp_path / "src", 4)
+    out = tmp_path / "runs" / "a,b"
+    pattern = write_shards(tmp_path / "src", out, max_count=2)["splits"]["train"]["pattern"]
+    assert expand_urls(pattern) == [str(out / f"train-{i:06d}.tar") for i in range(2)]
+    assert sum(1 for _ in eval_loader(pattern, 16, batch_size=2)) == 2
+
+
 def test_missing_shard_is_a_usage_error(tmp_path) -> None:
     with pytest.raises(InpaintError) as error:
         train_loader(str(tmp_path / "nope-{0..1}.tar"), 8, 2, seed=0)

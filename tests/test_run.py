@@ -239,6 +239,21 @@ def test_manifest_refuses_other_settings_unless_overwrite(mixed, tiny_model, tmp
     assert len(records[0]["settings"]["model_sha256"]) == 64
 
 
+def test_a_second_run_into_the_same_out_is_refused_while_one_runs(mixed, tiny_model, tmp_path):
+    from inpaint_cli.images import output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_lock(out, "run"):  # as a running `inpaint run` holds it
+        refused = invoke(*base_args(mixed, tiny_model, out))
+    assert refused.exit_code == 2
+    assert (
+        refused.stderr.strip() == f"error: {out}: another `inpaint run` is writing to this folder"
+    )
+    assert list(out.iterdir()) == []
+    assert invoke(*base_args(mixed, tiny_model, out)).exit_code == 1  # two bad files, as above
+
+
 def test_single_mask_for_all_with_resize_and_dilate(mixed, tiny_model, tmp_path):
     mask = np.zeros((10, 10), np.uint8)
     mask[4:6, 4:6] = 255
@@ -384,6 +399,67 @@ def test_existing_files_in_an_out_without_manifest_are_not_outputs(tmp_path, tin
     assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 3
     redone = invoke(*args, "--json", "--overwrite")
     assert redone.exit_code == 0 and json.loads(redone.stdout)["done"] == 3
+
+
+def test_symlinked_folders_of_images_and_masks_are_followed(tmp_path, tiny_model):
+    images, masks, disk = tmp_path / "photos", tmp_path / "masks", tmp_path / "disk"
+    _photo(disk / "photos2024" / "cat.jpg")
+    _save_mask(disk / "masks2024" / "cat.png", _box_mask(24, 20, HOLE))
+    images.mkdir()
+    masks.mkdir()
+    (images / "2024").symlink_to(disk / "photos2024", target_is_directory=True)
+    (masks / "2024").symlink_to(disk / "masks2024", target_is_directory=True)
+    out = tmp_path / "out"
+    result = invoke(images, "--masks", masks, "--out", out, "--model", tiny_model,
+                    "--num-workers", "0", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == 1 and (out / "2024" / "cat.png").is_file()
+
+
+def test_control_characters_in_file_names_keep_messages_on_one_line(tmp_path, tiny_model):
+    images, masks = tmp_path / "photos", tmp_path / "masks"
+    for name in ("good.jpg", "evil\nerror: forged.jpg", "evil\nerror: forged.png", "no\nmask.jpg"):
+        _photo(images / name)
+    for stem in ("good", "evil\nerror: forged"):
+        _save_mask(masks / f"{stem}.png", _box_mask(24, 20, HOLE))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--num-workers", "0")  # fmt: skip
+    assert result.exit_code == 1, result.output  # no mask for one image
+    lines = result.stderr.splitlines()
+    assert not any(line.startswith(("error: forged", "mask")) for line in lines), lines
+    assert any("no\\nmask.jpg: no mask found" in line for line in lines), lines
+    assert any("evil\\nerror: forged.jpg -> evil\\nerror: forged.jpg.png" in line for line in lines)
+
+
+def test_a_mask_that_looks_inverted_is_warned_about_and_still_filled(tmp_path, tiny_model):
+    images, masks = tmp_path / "photos", tmp_path / "masks"
+    _photo(images / "cat.jpg")
+    _photo(images / "dog.jpg")
+    _save_mask(masks / "cat.png", 255 - _box_mask(24, 20, HOLE))  # black hole on white
+    _save_mask(masks / "dog.png", _box_mask(24, 20, HOLE))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--num-workers", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "inverted" in line]
+    assert warnings == [
+        f"warning: {images / 'cat.jpg'}: the hole covers 91% of the image (white = hole); "
+        "is the mask inverted?"
+    ]
+    assert (tmp_path / "out" / "cat.png").is_file() and (tmp_path / "out" / "dog.png").is_file()
+
+
+def test_an_animated_image_fills_its_first_frame_with_a_note(tmp_path, tiny_model):
+    images, masks = tmp_path / "photos", tmp_path / "masks"
+    images.mkdir()
+    frames = [Image.new("RGB", (24, 20), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(images / "blink.gif", save_all=True, append_images=frames[1:], duration=100)
+    _save_mask(masks / "blink.png", _box_mask(24, 20, HOLE))
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--num-workers", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"note: {images / 'blink.gif'}: 3 frames, the first is filled" in result.stderr
+    filled = np.asarray(Image.open(tmp_path / "out" / "blink.png").convert("RGB"))
+    assert (filled[0, 0] == (255, 0, 0)).all()  # outside the hole: the first frame's pixels
 
 
 def test_masks_inside_out_are_found(tmp_path, tiny_model):

@@ -369,6 +369,56 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards):
     assert [entry["step"] for entry in run["resumes"]] == [half]
 
 
+def test_patience_stops_after_validations_without_a_new_best(tmp_path, shards, monkeypatch):
+    import inpaint_cli.train as train_module
+
+    # scripted validation NLLs: the best is at step 2, then none beats it
+    scripted = iter([5.0, 4.9, 4.95, 4.92, 4.93, 4.99])
+    monkeypatch.setattr(
+        train_module, "validate", lambda *args: {"nll_bits_per_dim": next(scripted)}
+    )
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=10, val_data=shards, val_every=1, patience=2)
+    summary = train(config)
+    assert (summary["steps"], summary["stopped_early"], summary["best_step"]) == (4, True, 2)
+    assert [step for step, _ in ckpt.list_checkpoints(out)][-1] == 4
+    assert (out / "model" / "model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (out / "val.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    # a resume goes on until the next validation, which again brings no new best
+    summary = train(replace(config, resume=True))
+    assert (summary["start_step"], summary["steps"], summary["stopped_early"]) == (4, 5, True)
+    # without patience the same scripted run goes to the end
+    scripted = iter([5.0, 4.9] + [4.95] * 8)
+    summary = train(tiny(shards, tmp_path / "all", steps=10, val_data=shards, val_every=1))
+    assert (summary["steps"], summary["stopped_early"]) == (10, False)
+    with pytest.raises(InpaintError, match="--patience needs --val-data"):
+        train(tiny(shards, tmp_path / "noval", patience=2))
+
+
+def test_log_rows_say_how_many_steps_they_average(tmp_path, shards):
+    config = tiny(shards, tmp_path / "run", steps=6, log_every=4, checkpoint_every=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step: int) -> None:
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(config, TrainHooks(after_step=stop_at_3))
+    train(replace(config, resume=True))
+    rows = log(tmp_path / "run")
+    assert [(r["step"], r["steps_averaged"]) for r in rows] == [(4, 1), (6, 2)]
+    train(tiny(shards, tmp_path / "whole", steps=6, log_every=4))
+    assert [r["steps_averaged"] for r in log(tmp_path / "whole")] == [4, 2]
+
+
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, shards):
     out = tmp_path / "run"
     summary = train(tiny(shards, out, steps=3, resume=True))
@@ -955,6 +1005,19 @@ def test_a_run_with_checkpoints_is_not_overwritten_without_resume(tmp_path, shar
     assert summary["start_step"] == 2 and summary["steps"] == 4
 
 
+def test_a_second_training_into_a_run_folder_in_use_is_refused(tmp_path, shards):
+    from inpaint_cli.images import output_lock
+
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=2))
+    with output_lock(out, "train"):  # as a running `inpaint train` holds it
+        with pytest.raises(InpaintError, match="another `inpaint train` is writing") as error:
+            train(tiny(shards, out, steps=4, resume=True))
+    assert error.value.exit_code == 2
+    summary = train(tiny(shards, out, steps=4, resume=True))  # the lock went with its holder
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+
+
 def test_bf16_trains_on_cpu(tmp_path, shards):
     summary = train(tiny(shards, tmp_path / "run", steps=3, mixed_precision="bf16"))
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
@@ -1132,3 +1195,40 @@ def test_accelerate_launch_two_processes_on_uneven_shards(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["resumes"][0]["world_size"] == 2 and run["resumes"][0]["step"] == 4
     assert assert_every_checkpoint_complete(out)[-1] == 6
+
+
+def test_export_refuses_other_models_and_the_folders_of_any_training_run(tmp_path, shards):
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=1, checkpoint_every=1, val_data=shards, val_every=1))
+    other = tmp_path / "other-run"  # another training run: its best/ and model/ are its own
+    shutil.copytree(out, other)
+    hf = tmp_path / "hf"  # a Hugging Face model: its config.json is not this project's
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "bert"}')
+    (hf / "model.safetensors").write_text("w")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[1, 2]")
+    refused = {
+        hf: "holds files but is not a model folder of inpaint (config.json: unknown config keys",
+        broken: "holds files but is not a model folder of inpaint (config.json: not a JSON object",
+        other / "best": f"the best/ folder of the training run {other}; choose another --out",
+        other / "model": f"the model/ folder of the training run {other}; choose another --out",
+    }
+
+    def snapshot() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for target, problem in refused.items():
+        result = CliRunner().invoke(app, ["export", str(out), "--out", str(target)])
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: {target}: {problem}")
+    assert snapshot() == before  # not one byte written anywhere
+
+    # a model folder of this project is exported into again, whatever else it holds
+    shutil.copytree(other / "model", tmp_path / "mine")
+    (tmp_path / "mine" / "README.md").write_text("notes")
+    assert export_model(out, tmp_path / "mine", step=1).name == "step-00000001"
+    assert (tmp_path / "mine" / "README.md").read_text() == "notes"
