@@ -14,15 +14,17 @@ import html
 import io
 import json
 import math
+import os
 import tarfile
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 from inpaint_cli.masks import MASK_KINDS, stable_seed
 from inpaint_cli.metrics import PSNR_CAP_DB
 from inpaint_cli.run_plan import (
@@ -98,6 +100,10 @@ class _Source:
     skipped: Callable[[], int] = lambda: 0
     # The text encoder that made the shards' caption embeddings, when shards.json records it.
     text_encoder: dict[str, Any] | None = None
+    # Images with a caption, where known before any image is read (a folder); None for shards.
+    captions: int | None = None
+    # Truncated or unreadable shards met by the latest pass.
+    bad_shards: Callable[[], int] = lambda: 0
 
 
 @dataclass
@@ -209,11 +215,14 @@ def _fit_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
 class _MaskFolder:
     """Masks matched exactly as `inpaint run` matches them (run_plan.MaskFinder)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, image_files: Iterable[Path] = ()) -> None:
         from inpaint_cli.run_plan import MaskFinder
 
-        self.root = root
-        self.finder = MaskFinder(root)
+        self.root = root  # as the user wrote it, for messages
+        # Absolute paths on both sides: MaskFinder tells images from masks by path when the
+        # mask folder is the data folder (an image is no one's mask, as in `inpaint run`).
+        images = frozenset(path.absolute() for path in image_files)
+        self.finder = MaskFinder(root.absolute(), image_files=images)
 
     def load(
         self, name: str, stem: str, width: int, height: int, fallback: tuple[str, str] = ("", "")
@@ -245,7 +254,19 @@ class _Warnings:
     def __call__(self, message: str) -> None:
         if message not in self.seen:
             self.seen.add(message)
-            self.console.print(f"warning: {message}", markup=False, highlight=False)
+            self.console.print(f"warning: {printable(message)}", markup=False, highlight=False)
+
+
+def _masks_inside_data(options: EvalOptions) -> Path | None:
+    """The --masks folder when it lies inside the --data folder (not the folder itself): its
+    files are masks, never images, as `inpaint run` leaves out a MASKS inside IMAGES
+    (run_plan.discover). MASKS equal to the data folder needs nothing here: list_images
+    already leaves out the `<stem>_mask*.png` masks there. An --out inside --data is refused
+    (_check_out), so it never needs leaving out."""
+    if options.masks in MASK_KINDS:
+        return None
+    root, masks = Path(options.data).resolve(), Path(options.masks).resolve()
+    return masks if masks != root and masks.is_relative_to(root) else None
 
 
 def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _Source:
@@ -264,9 +285,15 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
     sources = folder_items(
         root, "text", None, leave_out, lambda name, problem: warn(f"{name}: {problem}")
     )
+    masks_inside = _masks_inside_data(options)
+    if masks_inside is not None:
+        sources = [s for s in sources if not Path(s.name).resolve().is_relative_to(masks_inside)]
     if not sources:
         raise InpaintError(f"{root}: no images found", exit_code=2)
-    mask_folder = None if options.masks in MASK_KINDS else _MaskFolder(Path(options.masks))
+    image_files = [Path(source.name) for source in sources]
+    mask_folder = (
+        None if options.masks in MASK_KINDS else _MaskFolder(Path(options.masks), image_files)
+    )
     skipped = [0]
 
     def items() -> Iterator[EvalItem]:
@@ -298,7 +325,9 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
             count += 1
 
     total = min(len(sources), options.limit or len(sources))
-    return _Source(str(root), items, total, lambda: left_out[0] + skipped[0])
+    source = _Source(str(root), items, total, lambda: left_out[0] + skipped[0])
+    source.captions = sum(1 for each in sources if each.caption)
+    return source
 
 
 def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
@@ -404,11 +433,19 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
                 if options.limit and count >= options.limit:
                     return
 
+    def bad_shard_count() -> int:
+        return loaders[-1].stats["bad_shards"] if loaders else 0
+
     def skipped_count() -> int:
-        return skipped[0] + loaders[-1].stats["skipped_samples"] if loaders else skipped[0]
+        # A damaged shard loses at least the sample it was cut in (the loader's warning says
+        # "its last sample is dropped"); the ones after the cut cannot be counted, so it counts
+        # one: the report and the exit code must not claim that every image was scored.
+        corrupt = loaders[-1].stats["skipped_samples"] if loaders else 0
+        return skipped[0] + corrupt + bad_shard_count()
 
     source = _Source(options.data, items, options.limit or None, skipped_count)
     source.text_encoder = _shard_encoder_record(urls)
+    source.bad_shards = bad_shard_count
     return source
 
 
@@ -733,6 +770,17 @@ def _summarise(scores: _Scores, options: EvalOptions) -> dict[str, Any]:
     }
 
 
+def _too_few_captions(options: EvalOptions, found: int) -> InpaintError | None:
+    """The problem when the caption ablation cannot be done: shuffling needs two captions."""
+    if found >= 2:
+        return None
+    return InpaintError(
+        f"{options.data}: --caption-ablation needs at least two images with captions, "
+        f"found {found}",
+        exit_code=2,
+    )
+
+
 def _caption_ablation(
     source: _Source,
     model: Any,
@@ -742,14 +790,9 @@ def _caption_ablation(
     captioned: list[tuple[str, str, np.ndarray | None]],
     progress: Any,
 ) -> dict[str, Any]:
+    """Needs at least two captioned images (_too_few_captions)."""
     from inpaint_cli.metrics import paired_bootstrap_interval
 
-    if len(captioned) < 2:
-        raise InpaintError(
-            f"{options.data}: --caption-ablation needs at least two images with captions, "
-            f"found {len(captioned)}",
-            exit_code=2,
-        )
     labels = [caption for _, caption, _ in captioned]
     order = derangement(len(captioned), np.random.default_rng(options.seed), labels)
     shuffled = {key: captioned[order[index]][1:] for index, (key, _, _) in enumerate(captioned)}
@@ -881,10 +924,13 @@ def _preamble(result: dict[str, Any]) -> list[str]:
     area = f" (hole area {low_high[0]:g}-{low_high[1]:g})" if low_high else ""
     strength = result.get("caption_strength")
     captions = f"; caption strength {strength:g}" if strength is not None else ""
+    bad_shards = result.get("bad_shards") or 0
+    plural = "s" if bad_shards != 1 else ""
+    damaged = f", {bad_shards} truncated or unreadable shard{plural}" if bad_shards else ""
     return [
         f"Model: {result['model']}",
         f"Data: {result['data']} ({result['images']} images at {result['resolution']} px, "
-        f"{result['skipped']} skipped)",
+        f"{result['skipped']} skipped{damaged})",
         f"Masks: {result['masks']}{area}; samples per image: {result['samples']} at temperature "
         f"{result['temperature']}{captions}; seed {result['seed']}",
         BOUNDS_NOTE,
@@ -1008,17 +1054,20 @@ def _write_report(result: dict[str, Any], examples: list[_Example], out: Path) -
 def print_summary(result: dict[str, Any], console: Any = None) -> None:
     """The report's tables on the terminal."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     for line in _preamble(result):
         console.print(line, markup=False, highlight=False)
+    # Titles, headers and cells are plain text: "[paired bootstrap 95% interval]", "[n/a, n/a]"
+    # or a method name in brackets would otherwise be taken for rich markup and vanish.
     for title, header, rows in report_tables(result):
-        table = Table(title=title, title_justify="left")
+        table = Table(title=escape(title), title_justify="left")
         for index, name in enumerate(header):
-            table.add_column(name, justify="left" if index == 0 else "right")
+            table.add_column(escape(name), justify="left" if index == 0 else "right")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
     if result.get("files"):
         console.print(f"report: {result['files']['html']}", markup=False, highlight=False)
@@ -1080,6 +1129,22 @@ def _check_out(options: EvalOptions) -> None:
         )
 
 
+def _check_out_writable(out: Path) -> None:
+    """Make --out and write and remove a scratch file there, just before scoring: a folder
+    that cannot be written would otherwise fail only when the report is written, after the
+    whole scoring pass. Made after the other refusals, so they leave no folder behind."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot create folder ({error.strerror or error})", 1) from None
+    try:
+        handle, scratch = tempfile.mkstemp(prefix=".inpaint-eval-", suffix=".tmp", dir=out)
+    except OSError as error:
+        raise InpaintError(f"{out}: cannot write ({error.strerror or error})", 1) from None
+    os.close(handle)
+    Path(scratch).unlink(missing_ok=True)
+
+
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Score the model (and optionally the baselines and the caption ablation); write the
     report into `options.out` and return what metrics.json holds."""
@@ -1117,6 +1182,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         model.config.caption_strength = float(options.caption_strength)
     warn = _Warnings(console)
     source = _open_source(options, resolution, warn)
+    if options.caption_ablation and source.captions is not None:
+        # A folder's captions are known before reading any image: refuse before the work.
+        problem = _too_few_captions(options, source.captions)
+        if problem is not None:
+            raise problem
+    _check_out_writable(Path(options.out))
     embedder = _CaptionEmbedder(model, options.text_encoder, device, source.text_encoder)
     scores = _Scores()
     examples: list[_Example] = []
@@ -1156,6 +1227,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "data": options.data,
             "images": len(scores.keys),
             "skipped": source.skipped() + empty_holes,
+            "bad_shards": source.bad_shards(),
             "resolution": resolution,
             "masks": options.masks,
             "hole_area": list(options.hole_area) if options.masks in ("box", "stroke") else None,
@@ -1166,10 +1238,19 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "psnr_cap_db": PSNR_CAP_DB,
         }
         result.update(_summarise(scores, options))
-        if options.caption_ablation:
+        # Shards' captions are known only after the first pass: when too few, that pass's
+        # report is still written, then the ablation's problem is reported.
+        ablation_problem = (
+            _too_few_captions(options, len(captioned)) if options.caption_ablation else None
+        )
+        if options.caption_ablation and ablation_problem is None:
             result["caption_ablation"] = _caption_ablation(
                 source, model, embedder, options, device, captioned, progress
             )
     result["caption_embeddings"] = sorted(embedder.sources)
-    _write_report(result, examples, Path(options.out))
+    files = _write_report(result, examples, Path(options.out))
+    if ablation_problem is not None:
+        raise InpaintError(
+            f"{ablation_problem} (the report without it: {files['html']})", exit_code=2
+        )
     return result

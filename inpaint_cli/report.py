@@ -17,18 +17,56 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, printable
 from inpaint_cli.images import atomic_write_bytes
 
 GRID_IMAGES = 6
 GRID_SAMPLES = 4
 GRID_TEMPERATURE = 0.8
 GRID_SEED = 0
+PLOT_FILES = ("loss.png", "kl_per_layer.png", "samples.png")
+# A PNG text chunk naming the writer: a plot carrying it is ours to replace on the next report,
+# any other file of the same name is the user's (matplotlib alone marks its PNGs too).
+REPORT_MARK = ("Source", "inpaint report")
+# Fields the plots read as numbers; a log line with anything else in them is skipped.
+PLOTTED_NUMBERS = (
+    "loss",
+    "nll_bits_per_dim",
+    "fill_psnr_db",
+    "grad_norm",
+    "skip_threshold",
+    "skipped_updates",
+)
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {printable(message)}", file=sys.stderr)
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number a plot can draw: not a bool, and within float range (JSON reads 1e999 as
+    inf, but a 400-digit integer as an int that float() and math.isfinite refuse)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def _is_log_record(record: Any) -> bool:
+    """Whether a parsed line has the shape `inpaint train` logs: an integer step, the plotted
+    fields numbers or null, the per-layer KL a list of them."""
+    if not isinstance(record, dict):
+        return False
+    step, kl = record.get("step"), record.get("kl_bits_per_dim", [])
+    if not isinstance(step, int) or not _is_number(step) or not isinstance(kl, list):
+        return False
+    values = [*(record.get(key) for key in PLOTTED_NUMBERS), *kl]
+    return all(value is None or _is_number(value) for value in values)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +75,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     A resumed run starts again from its last checkpoint, so what a killed process logged after
     that checkpoint is superseded: a step at or before the last one read drops those records,
     and the curves show the run that survived rather than a zigzag. Other unreadable lines
-    (not UTF-8, not JSON) are skipped too, with one warning for the file.
+    (not UTF-8, not JSON, or JSON of another shape) are skipped too, with one warning for the
+    file.
     """
     if not path.exists():
         return []
@@ -54,10 +93,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if number < len(lines) and line.strip():  # a kill cuts the last line: not news
                 bad += 1
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            while records and records[-1]["step"] >= record["step"]:
-                records.pop()
-            records.append(record)
+        if not _is_log_record(record):
+            bad += 1
+            continue
+        while records and records[-1]["step"] >= record["step"]:
+            records.pop()
+        records.append(record)
     if bad:
         _warn(f"{path}: {bad} unreadable line{'s' * (bad > 1)} skipped")
     return records
@@ -79,7 +120,8 @@ def _save_figure(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    key, value = REPORT_MARK
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={key: value})
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -88,7 +130,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     steps, values = [], []
     for record in records:
         value = record.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if _is_number(value) and math.isfinite(value):
             steps.append(record["step"])
             values.append(float(value))
     return steps, values
@@ -130,10 +172,11 @@ def plot_loss(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path
     bottom.plot(steps, values, label="gradient norm", color="tab:green", lw=1)
     steps, values = _series(train, "skip_threshold")
     bottom.plot(steps, values, label="skip threshold", color="tab:gray", ls="--", lw=1)
+    steps, counts = _series(train, "skipped_updates")
     skipped_at = [
-        later["step"]
-        for earlier, later in zip(train, train[1:], strict=False)
-        if later.get("skipped_updates", 0) > earlier.get("skipped_updates", 0)
+        step
+        for step, earlier, later in zip(steps[1:], counts, counts[1:], strict=False)
+        if later > earlier
     ]
     for index, step in enumerate(skipped_at):
         bottom.axvline(
@@ -186,27 +229,62 @@ def _layer_value(record: dict[str, Any], layer: int) -> float | None:
     if not isinstance(values, list) or layer >= len(values):
         return None
     value = values[layer]
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return float(value) if _is_number(value) and math.isfinite(value) else None
 
 
-def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> None:
-    """Completions of the first validation images by the exported EMA model, center holes."""
+def _is_local_path(url: str) -> bool:
+    """Whether webdataset's gopen would open `url` as a plain file: it runs the command of a
+    `pipe:` URL, fetches http(s), gs, hf, ... URLs with curl or gsutil, and reads stdin for
+    '-'. Any scheme counts as not local, as gopen reads it."""
+    try:
+        return url != "-" and not urlparse(url).scheme
+    except ValueError:  # a malformed URL ("http://[x"): not a file either
+        return False
+
+
+def _local_sample_shards(run_dir: Path, config: dict[str, Any]) -> list[str] | None:
+    """The validation shards (else the training ones) that run.json names, or None, after a
+    warning, when one is not a local path. A run folder may come from someone else: reading it
+    must never run a command or fetch from a URL it names. A relative path (run.json of older
+    runs) is read from the current folder."""
+    from inpaint_cli.data import expand_urls
+
+    key = "val_data" if config.get("val_data") else "data"
+    urls = expand_urls(config.get(key))
+    foreign = next((url for url in urls if not _is_local_path(url)), None)
+    if foreign is None:
+        return urls
+    _warn(
+        f"{run_dir / 'run.json'}: config.{key} names {foreign!r}, not a local shard file; "
+        "a report never runs commands or opens URLs from a run folder; sample grid skipped"
+    )
+    return None
+
+
+def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
+    """Completions of the first validation images by the exported EMA model, center holes.
+
+    Returns False, after a warning, when the grid is skipped because run.json names shards
+    that are not local files.
+    """
     import matplotlib.pyplot as plt
     import torch
 
-    from inpaint_cli.data import eval_loader, expand_urls
+    from inpaint_cli.data import eval_loader
     from model.hvae import HVAE
 
+    config = run.get("config", {})
+    urls = _local_sample_shards(run_dir, config)
+    if urls is None:
+        return False
     try:
         model = HVAE.from_pretrained(run_dir / "model")
     except ValueError as error:
         raise InpaintError(str(error), exit_code=1) from None
-    config = run.get("config", {})
-    urls = config.get("val_data") or config.get("data")
     kinds = str(config.get("mask_kinds", "center")).split(",")
     kind = "center" if "center" in kinds else kinds[0]
     loader = eval_loader(
-        expand_urls(urls),
+        urls,
         model.config.resolution,
         GRID_IMAGES,
         seed=int(config.get("seed", 0)),
@@ -263,10 +341,39 @@ def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> None:
             axes[row][0].set_ylabel(caption[:28], fontsize=6)
     figure.suptitle(f"EMA model, temperature {GRID_TEMPERATURE}", fontsize=9)
     _save_figure(figure, path)
+    return True
+
+
+def _written_by_report(path: Path) -> bool:
+    """Whether `path` is a plot an earlier `inpaint report` wrote (it carries REPORT_MARK)."""
+    from PIL import Image
+
+    key, value = REPORT_MARK
+    try:
+        with Image.open(path) as image:  # reads the header and the text chunks before the pixels
+            return image.info.get(key) == value
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False  # not an image, a damaged or a huge one: not ours
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before any plotting, an --out holding a file named like a plot that no earlier
+    `inpaint report` wrote: the user's own loss.png is not replaced. Our plots are."""
+    taken = [out / name for name in PLOT_FILES if (out / name).exists()]
+    foreign = next((path for path in taken if not _written_by_report(path)), None)
+    if foreign is not None:
+        raise InpaintError(
+            f"{foreign}: exists and is not from inpaint report; choose another --out or move it "
+            "away",
+            exit_code=2,
+        )
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
-    """Write loss.png, kl_per_layer.png and samples.png for a run folder; returns their paths."""
+    """Write loss.png, kl_per_layer.png and samples.png for a run folder; returns their paths.
+
+    A sample grid that fails (damaged model, missing shards) raises after the curves are written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,6 +396,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
             isinstance(run.get(key, {}), dict) for key in ("config", "model_config")
         ):
             raise InpaintError(f"{run_dir / 'run.json'}: not a run record of `inpaint train`", 1)
+    if out.resolve() != (run_dir / "plots").resolve():
+        _check_out(out)  # the run's own plots/ folder holds only report's plots, tagged or not
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -304,10 +413,13 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
         written.append(out / "kl_per_layer.png")
     if (run_dir / "model").is_dir() and run.get("config"):
         try:
-            plot_samples(run_dir, run, out / "samples.png")
-            written.append(out / "samples.png")
-        except InpaintError as error:  # a damaged model or missing shards: the curves still count
-            _warn(f"{error}; sample grid skipped")
+            if plot_samples(run_dir, run, out / "samples.png"):
+                written.append(out / "samples.png")
+        except InpaintError as error:
+            # The curves are written and stay; the exit code still says the report is incomplete.
+            raise InpaintError(
+                f"{error}; sample grid skipped (the curves are in {out})", exit_code=1
+            ) from None
     else:
         _warn(f"{run_dir}: no exported model or run.json; sample grid skipped")
     return written

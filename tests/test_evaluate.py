@@ -576,3 +576,164 @@ def test_warnings_are_one_line_each_when_stderr_is_not_a_terminal(
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert f"warning: img1.png: no mask found in {masks}" in warnings
     assert all(line.startswith("warning: ") for line in warnings)
+
+
+def _refuse_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inpaint_cli.evaluate as evaluate_module
+
+    def no_scoring(*args: object) -> None:
+        raise AssertionError("scored before refusing")
+
+    monkeypatch.setattr(evaluate_module, "_score_batch", no_scoring)
+
+
+def _uncaptioned_copy(image_folder: Path, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(image_folder, folder, ignore=shutil.ignore_patterns("metadata.jsonl"))
+    return folder
+
+
+def test_a_mask_folder_inside_the_data_folder_is_never_read_as_images(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    shutil.copytree(image_folder, data)
+    masks = data / "masks"
+    masks.mkdir()
+    hole = np.zeros((20, 24), dtype=np.uint8)
+    hole[6:14, 8:16] = 255
+    for index in range(6):
+        Image.fromarray(hole).save(masks / f"img{index}.png")
+    for mask_kind in (str(masks), "center"):
+        result = evaluate(_options(data, tiny_model, tmp_path / "r", masks=mask_kind, samples=1))
+        # with --masks center nothing says photos/masks holds masks: its files are images,
+        # as for `inpaint run` and `inpaint shards`
+        expected = 6 if mask_kind != "center" else 12
+        assert result["images"] == expected and result["skipped"] == 0
+        assert (mask_kind == "center") == any(
+            k.startswith("masks/") for k in result["per_image"]["keys"]
+        )
+
+
+def test_with_the_data_folder_as_mask_folder_an_image_is_no_ones_mask(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "photos"
+    shutil.copytree(image_folder, data)
+    hole = np.zeros((20, 24), dtype=np.uint8)
+    hole[6:14, 8:16] = 255
+    Image.fromarray(hole).save(data / "img0_mask.png")  # as `inpaint run` matches MASKS=IMAGES
+    result = evaluate(_options(data, tiny_model, tmp_path / "r", masks=str(data), samples=1))
+    assert result["per_image"]["keys"] == ["img0.png"] and result["skipped"] == 5
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_scoring(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+    import tempfile
+
+    _refuse_scoring(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "report"
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(image_folder, tiny_model, out))
+    assert str(error.value) == f"{out}: cannot create folder (Not a directory)"
+    assert error.value.exit_code == 1
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "read-only"
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(image_folder, tiny_model, out))
+    assert str(error.value) == f"{out}: cannot write (Read-only file system)"
+    assert error.value.exit_code == 1
+
+
+def test_caption_ablation_on_a_folder_without_captions_is_refused_before_scoring(
+    captioned_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_scoring(monkeypatch)
+    data = _uncaptioned_copy(image_folder, tmp_path / "photos")
+    (data / "img0.txt").write_text("a single caption")  # shuffling needs two
+    out = tmp_path / "r"
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(data, captioned_model, out, caption_ablation=True))
+    assert str(error.value) == (
+        f"{data}: --caption-ablation needs at least two images with captions, found 1"
+    )
+    assert error.value.exit_code == 2 and not out.exists()
+
+
+def test_caption_ablation_on_shards_without_captions_still_writes_the_report(
+    captioned_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    from inpaint_cli.shards import write_shards
+
+    data = _uncaptioned_copy(image_folder, tmp_path / "photos")
+    pattern = write_shards(data, tmp_path / "shards")["splits"]["train"]["pattern"]
+    out = tmp_path / "r"
+    with pytest.raises(InpaintError) as error:
+        evaluate(_options(pattern, captioned_model, out, caption_ablation=True, samples=1))
+    assert error.value.exit_code == 2
+    assert str(error.value) == (
+        f"{pattern}: --caption-ablation needs at least two images with captions, found 0 "
+        f"(the report without it: {out / 'index.html'})"
+    )
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["images"] == 6 and "caption_ablation" not in saved
+
+
+def test_a_truncated_shard_is_counted_and_exits_1(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from inpaint_cli.app import app
+    from inpaint_cli.shards import write_shards
+
+    pattern = write_shards(image_folder, tmp_path / "shards")["splits"]["train"]["pattern"]
+    whole = Path(pattern).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "r"
+    args = ["eval", "--data", str(cut), "--model", str(tiny_model), "--samples", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    saved = json.loads((out / "metrics.json").read_text())
+    assert 0 < saved["images"] < 6
+    assert saved["bad_shards"] == 1 and saved["skipped"] >= 1
+    assert "1 truncated or unreadable shard)" in (out / "metrics.md").read_text()
+    assert "truncated or unreadable shard" in result.output
+
+
+def test_terminal_tables_keep_text_in_brackets(
+    tiny_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from inpaint_cli.evaluate import print_summary
+
+    result = evaluate(
+        _options(image_folder, tiny_model, tmp_path / "r", baselines=True, samples=1, limit=3)
+    )
+    result["comparisons"][0]["psnr"] = {"mean": None, "low": None, "high": None}
+    terminal = io.StringIO()
+    print_summary(result, Console(file=terminal, width=300))
+    text = terminal.getvalue()
+    assert "mean [paired bootstrap 95% interval]; higher PSNR" in text
+    assert "n/a [n/a, n/a]" in text

@@ -146,19 +146,190 @@ def test_undecodable_log_lines_are_skipped_with_a_warning(tmp_path, capsys):
     assert capsys.readouterr().err == f"warning: {path}: 1 unreadable line skipped\n"
 
 
-def test_a_damaged_model_skips_only_the_sample_grid(run_dir, tmp_path):
+def test_a_damaged_model_keeps_the_curves_but_exits_1(run_dir, tmp_path):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "model" / "model.safetensors").write_bytes(b"\0" * 64)
-    code, lines = _report_lines(str(run), "--out", str(tmp_path / "plots"))
+    plots = tmp_path / "plots"
+    code, lines = _report_lines(str(run), "--out", str(plots))
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'model' / 'model.safetensors'}")
+    assert lines[0].endswith(f"; sample grid skipped (the curves are in {plots})")
+    assert (plots / "loss.png").is_file() and (plots / "kl_per_layer.png").is_file()
+    assert not (plots / "samples.png").exists()
+
+
+def _train(config) -> None:
+    """Train, then reset accelerate's process-wide state for the next run in this process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    train(config)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _copy_run(run_dir: Path, to: Path, **config: object) -> Path:
+    """A copy of the run whose run.json config has `config` replaced (a downloaded run)."""
+    import shutil
+
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("plots"))
+    record = json.loads((to / "run.json").read_text())
+    record["config"].update(config)
+    (to / "run.json").write_text(json.dumps(record))
+    return to
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "pipe:touch {marker}; cat {shard}",
+        "{shard}::pipe:touch {marker}",  # a command after a real shard
+        "https://example.invalid/val-{{000000..000001}}.tar",
+        "-",  # stdin
+    ],
+)
+def test_shards_that_run_json_names_as_commands_or_urls_are_never_opened(run_dir, tmp_path, spec):
+    marker = tmp_path / "PWNED"
+    shard = json.loads((run_dir / "run.json").read_text())["config"]["val_data"]
+    spec = spec.format(marker=marker, shard=expand_shard(shard))
+    run = _copy_run(run_dir, tmp_path / "downloaded", val_data=spec)
+    plots = tmp_path / "plots"
+    code, lines = _report_lines(str(run), "--out", str(plots))
+    assert not marker.exists()
     assert code == 0
-    assert lines[:2] == [
-        str(tmp_path / "plots" / name) for name in ("loss.png", "kl_per_layer.png")
-    ]
-    assert len(lines) == 3 and lines[2].startswith(
-        f"warning: {run / 'model' / 'model.safetensors'}"
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {run / 'run.json'}: config.val_data names '")
+    assert warnings[0].endswith(
+        ", not a local shard file; a report never runs commands or opens URLs from a run "
+        "folder; sample grid skipped"
     )
-    assert lines[2].endswith("; sample grid skipped")
-    assert not (tmp_path / "plots" / "samples.png").exists()
+    assert sorted(set(lines) - set(warnings)) == [
+        str(plots / "kl_per_layer.png"),
+        str(plots / "loss.png"),
+    ]
+    assert not (plots / "samples.png").exists()
+
+
+def expand_shard(pattern: str) -> str:
+    from inpaint_cli.data import expand_urls
+
+    return expand_urls(pattern)[0]
+
+
+@pytest.mark.parametrize("name", ["loss.png", "kl_per_layer.png", "samples.png"])
+def test_a_users_file_in_out_is_never_replaced(run_dir, tmp_path, name):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    plt.plot([1, 2, 3])  # the user's own matplotlib plot: matplotlib marks its PNGs too
+    plt.savefig(plots / name)
+    plt.close()
+    before = (plots / name).read_bytes()
+    code, lines = _report_lines(str(run_dir), "--out", str(plots))
+    assert (code, lines) == (
+        2,
+        [
+            f"error: {plots / name}: exists and is not from inpaint report; choose another --out "
+            "or move it away"
+        ],
+    )
+    assert (plots / name).read_bytes() == before
+    assert sorted(path.name for path in plots.iterdir()) == [name]  # refused before plotting
+
+
+def test_the_runs_own_plots_folder_is_replaced_even_untagged(run_dir):
+    """Plots an older version wrote into RUN/plots carry no tag; that folder is report's own."""
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    Image.new("RGB", (3, 3)).save(plots / "loss.png")  # untagged, as older versions wrote it
+    write_report(run_dir)
+    with Image.open(plots / "loss.png") as image:
+        assert image.size != (3, 3)
+
+
+def test_a_report_replaces_its_own_earlier_plots(run_dir, tmp_path):
+    plots = tmp_path / "plots"
+    first = write_report(run_dir, plots)
+    (plots / "loss.png").write_bytes((plots / "kl_per_layer.png").read_bytes())  # ours, stale
+    assert write_report(run_dir, plots) == first
+    with Image.open(plots / "loss.png") as image, Image.open(plots / "kl_per_layer.png") as other:
+        assert image.size != other.size  # the loss plot again
+
+
+def test_a_run_trained_from_a_relative_folder_reports_from_anywhere(tmp_path, monkeypatch):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_square_shards(project / "shards", 12, 12)
+    monkeypatch.chdir(project)
+    pattern = "shards/train-000000.tar"  # relative, as typed on the command line
+    config = tiny(pattern, Path("run"), steps=2, val_data=pattern, val_every=2, val_samples=6)
+    _train(config)
+    record = json.loads((project / "run" / "run.json").read_text())
+    assert record["config"]["data"] == record["config"]["val_data"] == str(project / pattern)
+    monkeypatch.chdir(elsewhere)
+    assert project / "run" / "plots" / "samples.png" in write_report(project / "run")
+
+
+def test_resuming_with_the_same_relative_command_changes_nothing(tmp_path, monkeypatch, capsys):
+    write_square_shards(tmp_path / "shards", 12, 12)
+    monkeypatch.chdir(tmp_path)
+    pattern = "shards/train-000000.tar"
+    _train(tiny(pattern, Path("run"), steps=2, val_data=pattern, checkpoint_every=2))
+    capsys.readouterr()
+    _train(tiny(pattern, Path("run"), steps=2, val_data=pattern, checkpoint_every=2, resume=True))
+    assert "changed" not in capsys.readouterr().out  # the checkpoint keeps the spec as typed
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumes"]
+
+
+def test_an_older_run_json_with_relative_shard_paths_still_reports(run_dir, tmp_path, monkeypatch):
+    shard = Path(expand_shard(json.loads((run_dir / "run.json").read_text())["config"]["data"]))
+    run = _copy_run(run_dir, tmp_path / "old", data=shard.name, val_data=shard.name)
+    monkeypatch.chdir(shard.parent)  # read as written: from the folder training ran in
+    assert run / "plots" / "samples.png" in write_report(run)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"step": 3, "kl_bits_per_dim": 3.5}',
+        '{"step": 3, "kl_bits_per_dim": ["x"]}',
+        '{"step": 3, "skipped_updates": "2"}',
+        '{"step": 3, "loss": 1' + "0" * 400 + "}",  # an int float() refuses
+        '{"step": true}',
+        '{"loss": 1.0}',
+        "[1, 2]",
+    ],
+)
+def test_log_lines_of_the_wrong_shape_are_skipped_with_a_warning(run_dir, tmp_path, line):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("plots"))
+    records = (run / "train.jsonl").read_text().splitlines()
+    (run / "train.jsonl").write_text("\n".join([records[0], line, *records[1:]]) + "\n")
+    plots = tmp_path / "plots"
+    code, lines = _report_lines(str(run), "--out", str(plots))  # never a traceback
+    assert code == 0
+    assert f"warning: {run / 'train.jsonl'}: 1 unreadable line skipped" in lines
+    assert [r["step"] for r in read_jsonl(run / "train.jsonl")] == [
+        json.loads(r)["step"] for r in records
+    ]
+
+
+def test_null_numbers_in_a_log_line_are_gaps_in_the_curves(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("plots"))
+    records = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+    records[1] |= {"skipped_updates": None, "loss": None, "kl_bits_per_dim": [None, 1.0]}
+    (run / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert len(write_report(run, tmp_path / "plots")) == 3
+    assert "warning" not in capsys.readouterr().err
