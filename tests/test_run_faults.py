@@ -396,22 +396,18 @@ WORKERS_SCRIPT = textwrap.dedent(
     import inpaint_cli.run as run_module
     from inpaint_cli.run import RunOptions, run_folder
 
-    real_process = run_module._process
+    def feed_then_die(self, prepared):
+        # the main process stops reading while the workers fill their queues, then dies as
+        # under kill -9; stalling here, not after a fixed delay, makes the test independent of
+        # how fast the machine fills holes
+        time.sleep(2)
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        mine = [p for p in pids if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]
+                == str(os.getpid())]
+        Path(sys.argv[4]).write_text(" ".join(mine))
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    def process_then_die(*args, **kwargs):
-        # start the workers, let them fill their queues, then die as under kill -9
-        import threading
-        def killer():
-            time.sleep(3)
-            pids = [p for p in os.listdir("/proc") if p.isdigit()]
-            mine = [p for p in pids if open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1]
-                    == str(os.getpid())]
-            Path(sys.argv[4]).write_text(" ".join(mine))
-            os.kill(os.getpid(), signal.SIGKILL)
-        threading.Thread(target=killer, daemon=True).start()
-        return real_process(*args, **kwargs)
-
-    run_module._process = process_then_die
+    run_module._Runner.feed = feed_then_die
     run_folder(RunOptions(images=Path(sys.argv[1]), masks=Path(sys.argv[1]), out=Path(sys.argv[2]),
                           model=Path(sys.argv[3]), samples=4, num_workers=2, batch_size=1))
     """
@@ -424,7 +420,7 @@ def test_kill_9_leaves_no_loader_worker_behind(tmp_path, tiny_model):
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(40):  # large items: a worker blocks writing them to its queue
+    for index in range(12):  # large items: a worker blocks writing them to its queue
         Image.fromarray(_noise_image(rng, 600, 600)).save(images / f"img{index:02d}.png")
         _save_mask(images / f"img{index:02d}_mask.png", _box_mask(600, 600, HOLE))
     script, pids = tmp_path / "workers.py", tmp_path / "workers.pid"
