@@ -142,6 +142,11 @@ def _grey_or_rgb_to_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether `img` carries transparency (an alpha channel or a transparent palette entry)."""
+    return "A" in img.mode or "a" in img.mode or "transparency" in img.info
+
+
 def image_to_rgb_uint8(
     img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
 ) -> np.ndarray:
@@ -154,8 +159,7 @@ def image_to_rgb_uint8(
         pixels = np.asarray(img, dtype=np.float64)
         full_scale = 1.0 if np.nanmax(pixels, initial=0.0) <= 1.0 else 255.0
         return _grey_or_rgb_to_rgb(_scale_to_uint8(np.nan_to_num(pixels), full_scale))
-    has_alpha = "A" in mode or "a" in mode or "transparency" in img.info
-    if not has_alpha:
+    if not has_alpha(img):
         rgb = img if mode == "RGB" else img.convert("RGB")
         return np.array(rgb, dtype=np.uint8)
     rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
@@ -169,20 +173,41 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
     """Bool HxW hole mask (True = hole): greyscale >= 128. `size` is the image's (width, height).
 
     A mask of another size is an error unless `resize`, then it is resized nearest-neighbour.
-    Transparent mask pixels count as black (not a hole).
+    A mask with transparency is white paint on a transparent layer (transparent = not a hole),
+    unless it follows the convention of OpenAI's image edit API, where the hole is transparent
+    and the rest opaque: the photo with the hole erased, or black with a transparent hole.
+    Read as white = hole, such a photo would have every bright part repainted, so an opaque
+    part that looks like a photo (varied greys) or is all black makes the transparent part the
+    hole.
     """
     path = Path(path)
     img = load_image(path)
-    grey = Image.fromarray(image_to_rgb_uint8(img, background=(0, 0, 0))).convert("L")
-    if size is not None and grey.size != tuple(size):
+    grey = np.asarray(Image.fromarray(image_to_rgb_uint8(img, background=(0, 0, 0))).convert("L"))
+    hole = grey >= 128
+    if has_alpha(img):
+        rgba = np.asarray(img.convert("RGBA"))
+        opaque = rgba[:, :, 3] >= 128
+        if opaque.any() and not opaque.all():
+            kept = np.asarray(Image.fromarray(rgba[:, :, :3]).convert("L"))[opaque]
+            if kept.std() > ERASED_MASK_MIN_STD or kept.max() <= ERASED_MASK_MAX_BLACK:
+                hole = ~opaque
+    if size is not None and hole.shape[::-1] != tuple(size):
         if not resize:
             raise _fail(
                 str(path),
-                f"mask is {grey.width}x{grey.height} but the image is {size[0]}x{size[1]} "
+                f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]} "
                 "(use --resize-masks to resize it)",
             )
-        grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
-    return np.asarray(grey) >= 128
+        scaled = Image.fromarray(hole).resize(tuple(size), Image.Resampling.NEAREST)
+        hole = np.asarray(scaled, dtype=bool)
+    return hole
+
+
+# Paint masks are flat: one colour, edges soft through alpha. An opaque part with a grey spread
+# above this (in levels) is a photo, one no brighter than this is black: both mark the hole by
+# transparency (load_mask).
+ERASED_MASK_MIN_STD = 16.0
+ERASED_MASK_MAX_BLACK = 32
 
 
 def _is_hidden(relative: Path) -> bool:

@@ -231,6 +231,35 @@ def test_mask_threshold_grey_rgb_and_alpha(tmp_path) -> None:
     assert load_mask(tmp_path / "alpha.png").tolist() == [[True, False]]
 
 
+def test_mask_with_a_transparent_hole_openai_style(tmp_path) -> None:
+    """The hole is transparent, the rest opaque: the photo with the hole erased, or black."""
+    rng = np.random.default_rng(0)
+    photo = np.concatenate(
+        [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), np.full((24, 32, 1), 255, np.uint8)],
+        axis=2,
+    )
+    hole = np.zeros((24, 32), dtype=bool)
+    hole[6:14, 10:22] = True
+    erased = photo.copy()
+    erased[hole, 3] = 0
+    Image.fromarray(erased, "RGBA").save(tmp_path / "erased.png")
+    # read as white = hole, about half of the photo's pixels would be repainted
+    assert np.array_equal(load_mask(tmp_path / "erased.png"), hole)
+    black = np.zeros((24, 32, 4), dtype=np.uint8)
+    black[..., 3] = 255
+    black[hole, 3] = 0
+    Image.fromarray(black, "RGBA").save(tmp_path / "black.png")
+    assert np.array_equal(load_mask(tmp_path / "black.png"), hole)
+    resized = load_mask(tmp_path / "black.png", size=(64, 48), resize=True)
+    assert np.array_equal(resized, np.kron(hole, np.ones((2, 2), dtype=bool)))
+    painted = np.zeros((24, 32, 4), dtype=np.uint8)
+    painted[hole] = (255, 255, 255, 255)  # white paint on a transparent layer: unchanged
+    Image.fromarray(painted, "RGBA").save(tmp_path / "painted.png")
+    assert np.array_equal(load_mask(tmp_path / "painted.png"), hole)
+    Image.fromarray(np.zeros((24, 32, 4), np.uint8), "RGBA").save(tmp_path / "empty.png")
+    assert not load_mask(tmp_path / "empty.png").any()  # an empty layer marks no hole
+
+
 def test_mask_all_black_all_white_and_16_bit(tmp_path) -> None:
     Image.new("L", (3, 2), 0).save(tmp_path / "black.png")
     Image.new("L", (3, 2), 255).save(tmp_path / "white.png")
