@@ -683,6 +683,15 @@ def run_folder(options: RunOptions) -> dict:
             # one run per OUT: a second would fill the same images and rewrite the manifest
             held.enter_context(output_lock(out, "run"))
             run_plan.remove_stale_temps(out)
+            if options.overwrite:  # before the manifest that records the earlier runs is replaced
+                stale = run_plan.stale_outputs(items, options, out)
+                for path in stale:
+                    path.unlink(missing_ok=True)
+                if stale:
+                    log.line(
+                        f"removed {len(stale)} output(s) of an earlier run that this run does not "
+                        f"write (other --samples or extras), e.g. {stale[0]}"
+                    )
             record = {
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": str(model_dir),

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -470,6 +470,37 @@ def check_manifest(out: Path, settings: dict, overwrite: bool) -> list[str]:
             exit_code=2,
         )
     return lines
+
+
+def stale_outputs(items: list[Item], options: RunOptions, out: Path) -> list[Path]:
+    """Files that earlier runs into OUT wrote for these images under names this run does not
+    write: after `--samples 4`, a rerun with `--overwrite --samples 2` leaves `<stem>_2.png`
+    and `<stem>_3.png`, which would pass for this run's. The manifest records every run's
+    options, so only names inpaint run chose are ever listed."""
+    try:
+        lines = (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    earlier = []
+    for line in lines:
+        try:
+            record = json.loads(line)["options"]
+            samples = int(record["samples"])
+            extras = bool(record["save_uncertainty"]), bool(record["save_mask_overlay"])
+        except (ValueError, KeyError, TypeError):
+            continue  # check_manifest has judged the file; a line it cannot read names nothing
+        if samples >= 1:
+            earlier.append(replace(options, samples=samples, save_uncertainty=extras[0],
+                                   save_mask_overlay=extras[1]))  # fmt: skip
+    current = {name for item in items for name in item.output_names(options)}
+    stale = {
+        name
+        for item in items
+        for old in earlier
+        for name in item.output_names(old)
+        if name not in current
+    }
+    return [out / name for name in sorted(stale) if (out / name).is_file()]
 
 
 def options_record(options: RunOptions) -> dict:

@@ -215,17 +215,35 @@ def compose_output(
         return Image.fromarray(canvas, "RGB")
     out = base.copy()
     if mode == "RGBA":
-        out[hole, :3] = canvas[hole]
+        out[hole, :3] = unflatten_from_white(canvas[hole], base[hole, 3])
         return Image.fromarray(out, "RGBA")
     grey = np.asarray(Image.fromarray(canvas, "RGB").convert("L"))
     if mode == "L":
         out[hole] = grey[hole]
         return Image.fromarray(out, "L")
     if mode == "LA":
-        out[hole, 0] = grey[hole]
+        out[hole, 0] = unflatten_from_white(grey[hole], base[hole, 1])
         return Image.fromarray(out, "LA")
     out[hole] = grey[hole].astype(np.uint16) * 257
     return Image.fromarray(out)  # uint16 -> I;16
+
+
+def unflatten_from_white(fill: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The colours that, drawn at `alpha` (0..255) over white, look like `fill` (uint8).
+
+    The model fills the image flattened onto white (image_to_rgb_uint8), and the output keeps
+    the input's alpha: written as they are, the fill's colours would be blended with white a
+    second time wherever the hole is semi-transparent, a pale patch. Fully transparent pixels
+    keep the fill's colours (nothing shows through them, but a tool that drops alpha shows
+    them); faint ones clip to 0..255.
+    """
+    alpha = alpha.astype(np.float32) / 255.0
+    if fill.ndim == alpha.ndim + 1:
+        alpha = alpha[..., None]
+    blended = fill.astype(np.float32)
+    colour = (blended - 255.0 * (1.0 - alpha)) / np.maximum(alpha, 1.0 / 255.0)
+    colour = np.where(alpha > 0, colour, blended)
+    return np.clip(np.rint(colour), 0, 255).astype(np.uint8)
 
 
 def overlay_image(rgb: np.ndarray, hole: np.ndarray) -> Image.Image:

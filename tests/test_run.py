@@ -18,7 +18,13 @@ from inpaint_cli.app import app
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.run import RunOptions, run_folder
 from inpaint_cli.run_plan import read_caption_file
-from inpaint_cli.windows import crop_window, dilate_mask, hole_windows, paste_window
+from inpaint_cli.windows import (
+    compose_output,
+    crop_window,
+    dilate_mask,
+    hole_windows,
+    paste_window,
+)
 
 RNG_SEED = 1234
 
@@ -237,6 +243,36 @@ def test_manifest_refuses_other_settings_unless_overwrite(mixed, tiny_model, tmp
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["settings"]["seed"] for r in records] == [5]
     assert len(records[0]["settings"]["model_sha256"]) == 64
+
+
+def test_overwrite_with_fewer_samples_leaves_no_stale_outputs(mixed, tiny_model, tmp_path):
+    single = tmp_path / "one"
+    (single / "masks").mkdir(parents=True)
+    for name in ("small.png", "sub/grey.png"):
+        shutil.copy(mixed["images"] / name, single / Path(name).name)
+        shutil.copy(mixed["masks"] / name, single / "masks" / Path(name).name)
+    out = tmp_path / "out"
+    args = [single, "--masks", single / "masks", "--out", out, "--model", tiny_model,
+            "--num-workers", "0"]  # fmt: skip
+
+    def written() -> set[str]:
+        return {p.name for p in out.glob("*.png")}
+
+    assert (
+        invoke(*args, "--samples", "3", "--save-uncertainty", "--save-mask-overlay").exit_code == 0
+    )
+    assert written() == {f"{stem}{end}" for stem in ("small", "grey")
+                         for end in ("_0.png", "_1.png", "_2.png", "_uncertainty.png",
+                                     "_overlay.png")}  # fmt: skip
+    (out / "small_9.png").write_bytes(b"a file no run wrote")  # never removed
+    redone = invoke(*args, "--overwrite", "--samples", "2")
+    assert redone.exit_code == 0, redone.stderr
+    assert "removed 6 output(s) of an earlier run" in redone.stderr
+    expected = {"small_0.png", "small_1.png", "grey_0.png", "grey_1.png", "small_9.png"}
+    assert written() == expected
+    assert invoke(*args, "--overwrite").exit_code == 0  # one sample: <stem>.png
+    assert written() == {"small.png", "grey.png", "small_9.png"}
+    assert (out / "small_9.png").read_bytes() == b"a file no run wrote"
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_one_runs(mixed, tiny_model, tmp_path):
@@ -595,6 +631,33 @@ def test_dilate_grows_holes_by_euclidean_distance_for_any_radius():
         assert np.array_equal(dilate_mask(mask, radius), nearest <= radius)
     assert dilate_mask(mask, 10**6).all()  # no kernel is built, so a huge radius costs nothing
     assert dilate_mask(mask, 0) is mask and not dilate_mask(np.zeros((4, 4), bool), 5).any()
+
+
+def test_a_semi_transparent_hole_is_not_blended_with_white_twice():
+    """The model fills the image flattened onto white; the output keeps the input's alpha."""
+    from inpaint_cli.images import image_to_rgb_uint8
+
+    alphas = np.array([[0, 40, 128, 200, 255]], dtype=np.uint8)
+    rgba = np.zeros((1, 5, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 40, 90)
+    rgba[..., 3] = alphas
+    flat = image_to_rgb_uint8(Image.fromarray(rgba, "RGBA"))  # what a perfect fill returns
+    hole = np.ones((1, 5), dtype=bool)
+    out = np.asarray(compose_output("RGBA", rgba, flat, hole)).astype(int)
+    assert np.array_equal(out[..., 3], alphas)
+    for i, alpha in enumerate(alphas[0]):
+        if alpha == 0:  # nothing shows: the fill's own colours, not black
+            assert out[0, i, :3].tolist() == flat[0, i].tolist()
+        else:  # within the rounding of one 8-bit blend, scaled up by 1/alpha
+            tolerance = 255 / alpha + 1
+            assert np.abs(out[0, i, :3] - [200, 40, 90]).max() <= tolerance, (alpha, out[0, i])
+    # drawn on white, the output looks like the fill that the model made
+    shown = image_to_rgb_uint8(Image.fromarray(out.astype(np.uint8), "RGBA")).astype(int)
+    assert np.abs(shown - flat).max() <= 1
+    la = np.stack([np.full((1, 5), 60, np.uint8), alphas], axis=-1)
+    flat_grey = image_to_rgb_uint8(Image.fromarray(la, "LA"))
+    out_la = np.asarray(compose_output("LA", la, flat_grey, hole)).astype(int)
+    assert np.abs(out_la[0, 2:, 0] - 60).max() <= 3 and np.array_equal(out_la[..., 1], alphas)
 
 
 def test_far_apart_holes_get_separate_windows_and_paste_only_holes():
