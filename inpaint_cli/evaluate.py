@@ -332,7 +332,9 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
 
 def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
     """The text encoder `inpaint shards` recorded in shards.json beside the first local shard."""
-    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    from inpaint_cli.data import is_local_shard
+
+    local = [url for url in urls if is_local_shard(url)]
     if not local:
         return None
     summary = Path(local[0]).parent / "shards.json"
@@ -389,7 +391,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
         urls = data.expand_urls(options.data)
     except ValueError as error:
         raise InpaintError(f"{options.data}: {error}", exit_code=2) from None
-    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    local = [url for url in urls if data.is_local_shard(url)]
     missing = [url for url in local if not Path(url).is_file()]
     if not urls or missing:
         raise _no_data(missing[0] if missing else options.data)
@@ -1106,6 +1108,8 @@ def _check_out(options: EvalOptions) -> None:
     user's files: the data or mask folder or a folder inside one (the report's examples.png
     would replace an image there), or a folder holding a file named like a report file that
     no earlier `inpaint eval` wrote. A shard's folder is fine: no shard is named so."""
+    from inpaint_cli.images import check_replaceable
+
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise InpaintError(f"{out}: is a file, --out must be a folder", exit_code=2)
@@ -1120,13 +1124,8 @@ def _check_out(options: EvalOptions) -> None:
                 "mix with its files, choose another folder",
                 exit_code=2,
             )
-    taken = [out / name for name in REPORT_FILES.values() if (out / name).exists()]
-    if taken and not _holds_a_report(out):
-        raise InpaintError(
-            f"{taken[0]}: exists and is not from inpaint eval; choose another --out or move it "
-            "away",
-            exit_code=2,
-        )
+    # Ours or not is decided for the folder (by its metrics.json), not file by file.
+    check_replaceable(out, REPORT_FILES.values(), lambda _: _holds_a_report(out), "inpaint eval")
 
 
 def _check_out_writable(out: Path) -> None:

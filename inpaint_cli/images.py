@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +273,7 @@ def check_output_place(
             f"{out}: {option} is {which}; {outputs} could replace inputs, choose another folder",
             exit_code=2,
         )
-    if place in folder.resolve().parents:
+    if folder.resolve().is_relative_to(place):  # place is above it: equality is refused above
         raise InpaintError(
             f"{out}: {option} contains the images ({folder}); {outputs} would be mixed with "
             "the inputs, choose a folder outside it",
@@ -390,3 +390,17 @@ def png_bytes(img: Image.Image) -> bytes:
 def save_png_atomic(img: Image.Image, path: Path) -> None:
     """Save an image as PNG atomically (see atomic_write_bytes)."""
     atomic_write_bytes(path, png_bytes(img))
+
+
+def check_replaceable(
+    out: Path, names: Iterable[str], is_ours: Callable[[Path], bool], writer: str
+) -> None:
+    """Refuse, before any work, an --out holding a file named like one of `names` that
+    `is_ours` does not take for one `writer` wrote: the user's file would be replaced."""
+    for name in names:
+        path = out / name
+        if path.exists() and not is_ours(path):
+            raise InpaintError(
+                f"{path}: exists and is not from {writer}; choose another --out or move it away",
+                exit_code=2,
+            )

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from inpaint_cli.errors import InpaintError, printable
-from inpaint_cli.images import atomic_write_bytes
+from inpaint_cli.images import atomic_write_bytes, check_replaceable
 
 GRID_IMAGES = 6
 GRID_SAMPLES = 4
@@ -356,19 +356,6 @@ def _written_by_report(path: Path) -> bool:
         return False  # not an image, a damaged or a huge one: not ours
 
 
-def _check_out(out: Path) -> None:
-    """Refuse, before any plotting, an --out holding a file named like a plot that no earlier
-    `inpaint report` wrote: the user's own loss.png is not replaced. Our plots are."""
-    taken = [out / name for name in PLOT_FILES if (out / name).exists()]
-    foreign = next((path for path in taken if not _written_by_report(path)), None)
-    if foreign is not None:
-        raise InpaintError(
-            f"{foreign}: exists and is not from inpaint report; choose another --out or move it "
-            "away",
-            exit_code=2,
-        )
-
-
 def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Write loss.png, kl_per_layer.png and samples.png for a run folder; returns their paths.
 
@@ -397,7 +384,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> list[Path]:
         ):
             raise InpaintError(f"{run_dir / 'run.json'}: not a run record of `inpaint train`", 1)
     if out.resolve() != (run_dir / "plots").resolve():
-        _check_out(out)  # the run's own plots/ folder holds only report's plots, tagged or not
+        # The run's own plots/ folder holds only report's plots, tagged or not.
+        check_replaceable(out, PLOT_FILES, _written_by_report, "inpaint report")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

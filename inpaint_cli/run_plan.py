@@ -108,10 +108,6 @@ def check_caption_strength_option(value: float) -> None:
         raise InpaintError(f"--caption-strength: {error}", exit_code=2) from None
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def check_paths(options: RunOptions) -> tuple[Path, Path, Path]:
     images, masks, out = (Path(p).expanduser().absolute() for p in (options.images, options.masks,
                                                                      options.out))  # fmt: skip
@@ -171,10 +167,12 @@ def check_grid(
     if any(grid == item.source.resolve() for item in items):
         refuse("is an input image")
     # Files in OUT are never read as inputs, nor as masks when OUT lies inside MASKS.
-    in_out = _inside(grid, out)
-    if images.is_dir() and _inside(grid, images.resolve()) and not in_out:
+    in_out = grid.is_relative_to(out)
+    if images.is_dir() and grid.is_relative_to(images.resolve()) and not in_out:
         refuse(f"is inside IMAGES ({images}), the next run would take it as an input")
-    if _inside(grid, masks.resolve()) and not (in_out and _inside(out, masks.resolve())):
+    if grid.is_relative_to(masks.resolve()) and not (
+        in_out and out.is_relative_to(masks.resolve())
+    ):
         refuse(f"is inside MASKS ({masks}), it could replace or become a mask")
     if grid == out:
         refuse("is the --out folder")
@@ -196,9 +194,9 @@ def discover(images: Path, out: Path, masks: Path) -> tuple[Path, list[Path]]:
     # as inputs. MASKS may also be IMAGES itself: then only <stem>_mask*.png are masks, and
     # list_images leaves those out already.
     excluded = [out.resolve()]
-    if masks.resolve() != images.resolve() and _inside(masks.resolve(), images.resolve()):
+    if masks.resolve() != images.resolve() and masks.resolve().is_relative_to(images.resolve()):
         excluded.append(masks.resolve())
-    found = [p for p in found if not any(_inside(p.resolve(), x) for x in excluded)]
+    found = [p for p in found if not any(p.resolve().is_relative_to(x) for x in excluded)]
     if not found:
         raise InpaintError(
             f"{images}: no images found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}; "
@@ -223,7 +221,7 @@ class MaskFinder:
             return
         # An OUT inside MASKS holds earlier outputs, never masks; MASKS inside OUT holds masks.
         skipped = None
-        if out is not None and _inside(out.resolve(), masks.resolve()):
+        if out is not None and out.resolve().is_relative_to(masks.resolve()):
             skipped = out.resolve()
         for path in walk_files(masks):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
@@ -231,7 +229,7 @@ class MaskFinder:
             relative = path.relative_to(masks)
             if any(part.startswith(".") for part in relative.parts):
                 continue
-            if skipped is not None and _inside(path.resolve(), skipped):
+            if skipped is not None and path.resolve().is_relative_to(skipped):
                 continue
             key_folder = relative.parent.as_posix()
             named = MASK_NAME_RE.match(path.name)

@@ -395,7 +395,6 @@ class _SplitWriter:
         self.out, self.split = out, split
         self.max_count, self.max_size = max_count, max_size
         self.on_shard = on_shard
-        self.shards: list[Path] = []
         self.shard_info: list[dict[str, Any]] = []  # name, bytes, samples of each shard
         self.recorded = 0  # shards in the progress record: what a resumed run keeps
         self.count = 0  # samples written, complete shards or not
@@ -407,10 +406,13 @@ class _SplitWriter:
 
     def resume(self, record: dict[str, Any]) -> None:
         self.shard_info = list(record["shards"])
-        self.shards = [self.out / info["name"] for info in self.shard_info]
-        self.recorded = len(self.shards)
+        self.recorded = len(self.shard_info)
         self.count = sum(info["samples"] for info in self.shard_info)
         self.through, self.skipped = record["through"], record["skipped"]
+
+    @property
+    def shards(self) -> list[Path]:
+        return [self.out / info["name"] for info in self.shard_info]
 
     def record(self) -> dict[str, Any]:
         return {"shards": self.shard_info, "through": self.through, "skipped": self.skipped}
@@ -433,7 +435,6 @@ class _SplitWriter:
         done = sum(info["samples"] for info in self.shard_info)
         size = final.stat().st_size
         self.shard_info.append({"name": final.name, "bytes": size, "samples": self.count - done})
-        self.shards.append(final)
         self.through = self._last_position
         self.skipped += sum(position < self.through for position in self._skip_positions)
         self._skip_positions = [p for p in self._skip_positions if p > self.through]
