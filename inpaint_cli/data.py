@@ -18,8 +18,10 @@ fewer shards than that, samples are (every process reads all shards and keeps it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import multiprocessing.util  # registers its exit handler before _kill_leftover_workers
 import random
 import re
 import sys
@@ -92,9 +94,16 @@ def missing_shard_message(url: str, wanted: str = "shard file") -> str:
     return f"{url}: no such {wanted}"
 
 
+def is_local_shard(url: str) -> bool:
+    """Whether a shard URL names a local file, as the loaders check it: `pipe:` runs a command
+    and anything with "://" is fetched. Looser than report._is_local_path (what gopen opens as
+    a file), which also counts '-' (stdin) and any scheme ("gs:...") as not local."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
 def _check_local(urls: list[str]) -> None:
     for url in urls:
-        if not url.startswith("pipe:") and "://" not in url and not Path(url).is_file():
+        if is_local_shard(url) and not Path(url).is_file():
             raise InpaintError(missing_shard_message(url), exit_code=2)
 
 
@@ -504,20 +513,41 @@ class _EvalStream(torch.utils.data.IterableDataset):
         yield {"key": [], "_stats": _take_counts(stats, sent)}
 
 
-def die_with_parent(_worker_id: int) -> None:
-    """A DataLoader `worker_init_fn`: the worker is killed when its parent dies (Linux).
+def init_loader_worker(_worker_id: int) -> None:
+    """The `worker_init_fn` of every DataLoader here: the worker leaves Ctrl-C and SIGTERM to
+    its parent and is killed when its parent dies (Linux).
 
-    PyTorch's own check for a dead parent runs between items; a worker blocked writing a full
-    queue never gets there, so one orphaned by a kill -9 would hang on, holding the job's
-    stdout open (a script reading it would wait forever)."""
+    Ctrl-C reaches every process of the terminal's group, and a scheduler's SIGTERM (Slurm's
+    time limit, say) every process of the job: a worker that ended there would break its
+    parent's loader while the parent finishes its step and checkpoints. PyTorch's own check for
+    a dead parent runs between items; a worker blocked writing a full queue never gets there,
+    so one orphaned by a kill -9 would hang on, holding the job's stdout open (a script reading
+    it would wait forever).
+    """
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+
+
+def _kill_leftover_workers() -> None:
+    # multiprocessing's own exit handler ends daemon children with SIGTERM, then waits for them:
+    # a worker ignores SIGTERM (above), so one whose loader was never closed (an exception's
+    # traceback can keep it) would make the interpreter wait forever at exit. Registered after
+    # that handler (imported above), so it runs before it.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_leftover_workers)
 
 
 class ShardLoader:
@@ -536,7 +566,7 @@ class ShardLoader:
             self.dataset,
             batch_size=None,
             num_workers=self.num_workers,
-            worker_init_fn=die_with_parent if self.num_workers else None,
+            worker_init_fn=init_loader_worker if self.num_workers else None,
         )
         for batch in loader:
             for name, count in batch.pop("_stats").items():

@@ -471,7 +471,7 @@ def _process(
 ) -> _Counts:
     from torch.utils.data import DataLoader
 
-    from inpaint_cli.data import die_with_parent
+    from inpaint_cli.data import init_loader_worker
 
     dataset = _PrepareDataset(share, options, model.config.resolution, encoder is not None)
     loader = DataLoader(
@@ -481,7 +481,7 @@ def _process(
         num_workers=options.num_workers,
         collate_fn=_first,
         prefetch_factor=2 if options.num_workers > 0 else None,
-        worker_init_fn=die_with_parent if options.num_workers > 0 else None,
+        worker_init_fn=init_loader_worker if options.num_workers > 0 else None,
     )
     progress = Progress(
         TextColumn("filling"),

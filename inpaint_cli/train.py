@@ -18,8 +18,10 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -112,6 +114,38 @@ class TrainHooks:
 
 
 # ---- small pure pieces (each has its own test) --------------------------------------------------
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's time limit, a preemption) asks training to stop: the
+    step in progress finishes, every rank checkpoints it, and the job exits, so no work since
+    the last periodic checkpoint is lost. A second signal stops at once, as before (the last
+    checkpoint stays valid: checkpoints are written whole or not at all).
+
+    Signal handlers can only be set in the main thread; elsewhere signals act as they would."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *_exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous = {}
 
 
 def kl_warmup_weights(step: int, num_layers: int, warmup_steps: int) -> list[float]:
@@ -472,16 +506,15 @@ def _shards_from_anywhere(spec: str | None) -> str | None:
     compares those with its command line."""
     import re
 
-    from inpaint_cli.data import expand_urls
+    from inpaint_cli.data import expand_urls, is_local_shard
 
     if not spec:
         return spec
     cwd = os.getcwd()
 
-    def absolute(piece: str) -> str:  # local as data._check_local reads it
+    def absolute(piece: str) -> str:
         piece = piece.strip()
-        remote = piece.startswith("pipe:") or "://" in piece
-        return piece if remote or not piece else os.path.join(cwd, piece)
+        return os.path.join(cwd, piece) if piece and is_local_shard(piece) else piece
 
     def each_piece(part: str) -> str:
         if part.startswith("pipe:"):  # a command is one piece, commas and all
@@ -995,8 +1028,9 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     session_seconds = 0.0
     last_checkpoint_time = time.monotonic()
     last_reduced: dict[str, Any] = {}
-    stopped_early = False
+    stopped_early = interrupted = False
     model.train()
+    stop = held.enter_context(StopRequest())
     with progress:
         for step in range(start_step, config.steps):
             step_start = time.perf_counter()
@@ -1050,7 +1084,13 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                 config.checkpoint_minutes > 0
                 and time.monotonic() - last_checkpoint_time >= config.checkpoint_minutes * 60
             )
-            extras = [float(due), loader.stats["skipped_samples"], loader.stats["bad_shards"]]
+            asked_to_stop = float(stop.received is not None)
+            extras = [
+                float(due),
+                loader.stats["skipped_samples"],
+                loader.stats["bad_shards"],
+                asked_to_stop,
+            ]
             shared = torch.cat(
                 [
                     sums,
@@ -1061,6 +1101,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             values = accelerator.reduce(shared, reduction="mean").tolist()
             loss, nll, recon, kl = values[0], values[1], values[2], values[3 : 3 + layers]
             reduced_norm, time_due = values[3 + layers], values[4 + layers] > 0
+            interrupted = values[7 + layers] > 0  # any rank: all stop at this same step
             data_skipped = {  # totals over ranks, this session plus what earlier sessions saw
                 "skipped_samples": state["data_skipped_samples"]
                 + round(values[5 + layers] * world),
@@ -1180,7 +1221,8 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
 
             # -- checkpoint every K steps, every `checkpoint_minutes`, at a new best, at the end
             checkpoint_due = state["step"] % config.checkpoint_every == 0 or time_due
-            if checkpoint_due or new_best or finished or val_failed or stopped_early:
+            stopping = stopped_early or interrupted
+            if checkpoint_due or new_best or finished or val_failed or stopping:
                 full_state = {
                     **state,
                     "data_skipped_samples": data_skipped["skipped_samples"],
@@ -1211,7 +1253,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                 )
             if hooks.after_step is not None:
                 hooks.after_step(state["step"])
-            if stopped_early:
+            if stopping:
                 break
 
     # -- per-rank record: which samples this rank saw and a digest of its final weights
@@ -1269,4 +1311,11 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         # gloo's threads must stop before the interpreter does, or a rank can abort at exit
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+    if interrupted and state["step"] < config.steps:
+        name = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
+        raise InpaintError(
+            f"{run_dir}: stopped by {name} at step {state['step']}, which is checkpointed; "
+            "run the same command with --resume to go on",
+            exit_code=128 + (stop.received or signal.SIGTERM),
+        )
     return summary

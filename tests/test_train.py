@@ -592,6 +592,48 @@ def _fork(target, *args) -> multiprocessing.Process:
     return process
 
 
+def _children() -> list[int]:
+    own = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()  # noqa: SIM115
+        except OSError:
+            continue
+        if entry.isdigit() and stat.rsplit(")", 1)[1].split()[1] == own:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(("signum", "workers"), [(signal.SIGTERM, 0), (signal.SIGINT, 1)])
+def test_a_signal_checkpoints_the_step_in_progress_and_resume_goes_on(
+    tmp_path, shards, signum, workers
+):
+    """Ctrl-C or a scheduler's SIGTERM loses no step: the step is checkpointed, exit 128+N.
+
+    The signal also reaches the loader's worker (as Ctrl-C reaches the terminal's whole process
+    group): a worker that ended there would break the loader before the checkpoint."""
+    out = tmp_path / "run"
+    config = tiny(shards, out, steps=10, num_workers=workers)
+
+    def signal_at_step_3(step: int) -> None:
+        if step == 3:
+            for pid in [*_children(), os.getpid()]:
+                os.kill(pid, signum)
+
+    with pytest.raises(InpaintError) as error:
+        train(config, TrainHooks(after_step=signal_at_step_3))
+    assert error.value.exit_code == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} at step 4" in str(error.value)
+    assert "--resume" in str(error.value)
+    assert assert_every_checkpoint_complete(out) == [4]  # no periodic one before the stop
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum) != signal.SIG_IGN
+    summary = train(replace(config, resume=True))
+    assert summary["start_step"] == 4 and summary["steps"] == 10
+    assert [r["step"] for r in log(out)] == list(range(1, 11))
+
+
 def assert_every_checkpoint_complete(out: Path) -> list[int]:
     steps = []
     for step, folder in ckpt.list_checkpoints(out):
