@@ -122,12 +122,18 @@ class StopRequest:
     the last periodic checkpoint is lost. A second signal stops at once, as before (the last
     checkpoint stays valid: checkpoints are written whole or not at all).
 
-    Signal handlers can only be set in the main thread; elsewhere signals act as they would."""
+    Only a Ctrl-C more than REPEAT_SECONDS after the first signal forces: under `accelerate
+    launch` a Ctrl-C reaches each rank twice, from the terminal and forwarded by the launcher,
+    which then waits 30 s before it kills. A repeated SIGTERM never forces; its sender escalates
+    to SIGKILL itself. Signal handlers can only be set in the main thread; elsewhere signals act
+    as they would."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._since = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -137,10 +143,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.received is not None:
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._since = signum, now
+        elif signum == signal.SIGINT and now - self._since > self.REPEAT_SECONDS:
             self.__exit__()
             raise KeyboardInterrupt
-        self.received = signum
 
     def __exit__(self, *_exc: Any) -> None:
         for signum, previous in self._previous.items():

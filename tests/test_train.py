@@ -634,6 +634,23 @@ def test_a_signal_checkpoints_the_step_in_progress_and_resume_goes_on(
     assert [r["step"] for r in log(out)] == list(range(1, 11))
 
 
+def test_stop_request_a_later_ctrl_c_forces_an_echo_or_a_sigterm_does_not(monkeypatch):
+    from inpaint_cli.train import StopRequest
+
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+        signal.raise_signal(signal.SIGINT)  # the launcher forwarding the terminal's Ctrl-C
+        clock[0] += 5
+        signal.raise_signal(signal.SIGTERM)  # a repeated SIGTERM only asks again
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C again, seconds later: stop now
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def assert_every_checkpoint_complete(out: Path) -> list[int]:
     steps = []
     for step, folder in ckpt.list_checkpoints(out):
