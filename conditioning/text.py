@@ -102,6 +102,21 @@ def check_same_encoder(expected: dict[str, Any], actual: dict[str, Any]) -> None
     )
 
 
+def check_encoder_fits(
+    expected: dict[str, Any] | None, caption_dim: int, actual: dict[str, Any]
+) -> None:
+    """Raise ValueError unless the encoder `actual` (its identity()) suits a model with
+    `caption_dim`-dim captions trained with the encoder `expected` records (None: a model that
+    did not record one, so only the dimension can be checked)."""
+    if expected:
+        check_same_encoder(expected, actual)
+    if int(actual["dim"]) != int(caption_dim):
+        raise ValueError(
+            f"the text encoder gives {actual['dim']}-dim embeddings, the model expects "
+            f"{caption_dim}"
+        )
+
+
 def _describe(record: dict[str, Any]) -> str:
     weights = record.get("weights_hash")
     weights_text = f", weights sha256 {weights[:12]}" if weights else ""

@@ -174,6 +174,11 @@ def train(
         "run` writes) to the loss; costs one more decoder pass per step.",
     ),
     text_encoder: str | None = typer.Option(None, help="Local path of a text encoder."),
+    init: str | None = typer.Option(
+        None,
+        help="Start from the weights of a model folder (an export, a run's best/, or 'bundled' "
+        "for the bundled model) instead of random ones; its config.json fixes the architecture.",
+    ),
     num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
     background: str = typer.Option("white", help="Alpha background: white or random."),
     resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint."),
@@ -187,6 +192,11 @@ def train(
     """
     from inpaint_cli.train import TrainConfig, parse_model_config
     from inpaint_cli.train import train as run_training
+
+    if init == "bundled":
+        from model.hvae import default_model_path
+
+        init = str(default_model_path())
 
     config = TrainConfig(
         data=data,
@@ -214,6 +224,7 @@ def train(
         condition_all_layers=condition_all_layers,
         fill_loss=fill_loss,
         text_encoder=text_encoder,
+        init=init,
         num_workers=num_workers,
         background=background,
         resume=resume,

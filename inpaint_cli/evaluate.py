@@ -511,25 +511,17 @@ class _CaptionEmbedder:
 
     def _encoder(self) -> Any:
         if self.encoder is None:
-            from conditioning import TextEncoder, TextEncoderError, check_same_encoder
+            from conditioning import TextEncoder, TextEncoderError, check_encoder_fits
 
             try:
                 encoder = TextEncoder(self.encoder_path)
             except TextEncoderError as error:
                 raise InpaintError(str(error), exit_code=2) from None
-            expected = self.model.config.text_encoder
-            if expected is not None:
-                try:
-                    check_same_encoder(expected, encoder.identity())
-                except ValueError as error:
-                    where = self.encoder_path or "default text encoder"
-                    raise InpaintError(f"{where}: {error}", exit_code=2) from None
-            if encoder.dim != self.dim:
-                raise InpaintError(
-                    f"{self.encoder_path or 'default text encoder'}: embeddings have "
-                    f"{encoder.dim} dimensions, the model expects {self.dim}",
-                    exit_code=2,
-                )
+            try:
+                check_encoder_fits(self.model.config.text_encoder, self.dim, encoder.identity())
+            except ValueError as error:
+                where = self.encoder_path or "default text encoder"
+                raise InpaintError(f"{where}: {error}", exit_code=2) from None
             self.encoder = encoder
         return self.encoder
 

@@ -439,21 +439,14 @@ def _load_model(model_dir: Path, device: Any) -> Any:
 
 
 def _load_text_encoder(options: RunOptions, config: dict, model_dir: Path, device: Any) -> Any:
-    from conditioning import TextEncoder, check_same_encoder
+    from conditioning import TextEncoder, check_encoder_fits
 
     try:
         encoder = TextEncoder(options.text_encoder, device=device)
     except (ValueError, OSError) as error:  # TextEncoderError is a ValueError naming the path
         raise InpaintError(str(error), exit_code=2) from None
     try:
-        expected = config.get("text_encoder")
-        if expected:
-            check_same_encoder(expected, encoder.identity())
-        elif encoder.dim != int(config["caption_dim"]):
-            raise ValueError(
-                f"the text encoder gives {encoder.dim}-dim embeddings, the model expects "
-                f"{config['caption_dim']}"
-            )
+        check_encoder_fits(config.get("text_encoder"), config["caption_dim"], encoder.identity())
     except ValueError as error:
         raise InpaintError(f"{model_dir}: {error}", exit_code=2) from None
     return encoder

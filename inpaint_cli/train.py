@@ -81,6 +81,9 @@ class TrainConfig:
     # model config fields replaced on top of the preset, e.g. {"norm": "group"} (--model-config)
     model_config: dict[str, Any] = field(default_factory=dict)
     text_encoder: str | None = None
+    # a model folder (config.json + model.safetensors) whose weights the run starts from, e.g.
+    # the bundled model: its config fixes the architecture and the caption path
+    init: str | None = None
     num_workers: int = 2
     background: str = "white"
     resume: bool = False
@@ -340,9 +343,61 @@ def parse_model_config(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _init_model_config(config: TrainConfig) -> Any:
+    """The config of the --init model folder, for training: captions at full strength."""
+    from model.hvae import CONFIG_NAME, HVAEConfig
+
+    if config.model_config:
+        raise InpaintError(
+            "--model-config: the architecture of --init comes from its config.json; drop "
+            "--model-config (a fine-tune keeps the architecture it starts from)"
+        )
+    path = Path(config.init) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        model_config = HVAEConfig.from_dict(data)
+    except FileNotFoundError:
+        raise InpaintError(
+            f"--init {config.init}: not a model folder (needs {CONFIG_NAME} and the weights)"
+        ) from None
+    except (OSError, ValueError, TypeError) as error:
+        raise InpaintError(f"{path}: invalid model config: {error}") from None
+    # a caption strength below 1 is an inference setting; training always sees whole captions
+    model_config.caption_strength = 1.0
+    return model_config
+
+
+def _check_init_captions(config: TrainConfig, model_config: Any, text_encoder: Any) -> None:
+    from conditioning import check_encoder_fits
+
+    folder = config.init
+    if text_encoder is None:
+        if model_config.caption_dim:
+            raise InpaintError(
+                f"--init {folder}: the model has a caption path; train it with --captions"
+            )
+        return
+    if not model_config.caption_dim:
+        raise InpaintError(
+            f"--init {folder}: the model has no caption path; train it with --no-captions"
+        )
+    try:
+        check_encoder_fits(
+            model_config.text_encoder, model_config.caption_dim, text_encoder.identity()
+        )
+    except ValueError as error:
+        raise InpaintError(f"--init {folder}: {error}") from None
+
+
 def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
     from model.hvae import preset_config
 
+    if config.init:
+        model_config = _init_model_config(config)
+        _check_init_captions(config, model_config, text_encoder)
+        return model_config
     # the text path is decided by --captions and the encoder, not by --model-config
     reserved = sorted(
         {"caption_dim", "text_encoder", "condition_all_layers"} & set(config.model_config)
@@ -374,7 +429,21 @@ def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
 
 def _model_config_without_text(config: TrainConfig) -> Any:
     """The preset alone (cheap): fails early on an unknown preset and gives the resolution."""
+    if config.init:
+        return _init_model_config(config)
     return _model_config(config, None)
+
+
+def _load_init_weights(config: TrainConfig, model: torch.nn.Module) -> None:
+    """Copy the --init folder's weights into `model`, through the checks every model load
+    passes (header against config before allocating, finite values; never a pickle)."""
+    from model.hvae import HVAE
+
+    try:
+        source = HVAE.from_pretrained(config.init)
+    except ValueError as error:
+        raise InpaintError(f"--init {error}") from None
+    model.load_state_dict(source.state_dict(), strict=True)
 
 
 # Fields that decide which batches, masks and noise a step sees: a resume with other values
@@ -394,6 +463,7 @@ _REPLAY_FIELDS = (
     "caption_dropout",
     "condition_all_layers",
     "fill_loss",
+    "init",
     "steps",
     "lr",
     "warmup_steps",
@@ -925,11 +995,15 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
 
     torch.manual_seed(config.seed)
     model = HVAE(model_config)
+    if config.init and resume_from is None:  # a resume takes every weight from its checkpoint
+        _load_init_weights(config, model)
     ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     layers = model.num_latent_layers
     kl_warmup = config.kl_warmup_steps
     if kl_warmup is None:
-        kl_warmup = default_kl_warmup(config.steps, layers)
+        # a trained model's latents already carry information: no KL warm-up when starting
+        # from one (a zero KL weight would let the posterior drift from the prior again)
+        kl_warmup = 0 if config.init else default_kl_warmup(config.steps, layers)
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, config.adam_beta2)
     )

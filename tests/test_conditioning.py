@@ -17,6 +17,7 @@ from conditioning import (
     INSTALL_HINT,
     TextEncoder,
     TextEncoderError,
+    check_encoder_fits,
     check_same_encoder,
     default_encoder_path,
 )
@@ -192,6 +193,20 @@ def test_check_same_encoder_rules() -> None:
         check_same_encoder({"name": "enc", "dim": 384}, {"name": "other", "dim": 384})
     with pytest.raises(ValueError, match="incomplete"):
         check_same_encoder({"dim": 384}, trained)
+
+
+def test_check_encoder_fits_uses_the_record_and_always_the_dimension() -> None:
+    trained = {"name": "enc", "dim": 384, "weights_hash": "a" * 64}
+    check_encoder_fits(trained, 384, {**trained, "name": "copy"})
+    with pytest.raises(ValueError, match="bbbbbbbbbbbb"):
+        check_encoder_fits(trained, 384, {**trained, "weights_hash": "b" * 64})
+    # a model without a record: any encoder of the right dimension
+    check_encoder_fits(None, 384, {"name": "other", "dim": 384})
+    with pytest.raises(ValueError, match="gives 768-dim embeddings, the model expects 384"):
+        check_encoder_fits(None, 384, {"name": "other", "dim": 768})
+    # a record that disagrees with the model's caption size is refused too
+    with pytest.raises(ValueError, match="the model expects 512"):
+        check_encoder_fits(trained, 512, dict(trained))
 
 
 def test_custom_local_encoder_folder(tmp_path) -> None:

@@ -1291,3 +1291,99 @@ def test_export_refuses_other_models_and_the_folders_of_any_training_run(tmp_pat
     (tmp_path / "mine" / "README.md").write_text("notes")
     assert export_model(out, tmp_path / "mine", step=1).name == "step-00000001"
     assert (tmp_path / "mine" / "README.md").read_text() == "notes"
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_init_starts_from_a_model_folder_and_fine_tunes_it(tmp_path, monkeypatch):
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", CountingEncoder)
+    data = write_square_shards(tmp_path / "data", 16, 16, embeddings=True)
+    first = tmp_path / "first"
+    overrides = {"norm": "group", "num_mixtures": 3}  # not the preset: the folder decides
+    train(tiny(data, first, steps=3, captions=True, condition_all_layers=True,
+               model_config=overrides))  # fmt: skip
+    _reset_accelerate()
+    exported = tmp_path / "exported"
+    result = CliRunner().invoke(
+        app, ["export", str(first), "--out", str(exported), "--caption-strength", "0.3"]
+    )
+    assert result.exit_code == 0, result.output
+    start = ckpt.read_tensors(exported / "model.safetensors")
+    _reset_accelerate()
+
+    at_start = {}
+
+    def after_backward(step, model):
+        if step == 0:  # before the first update: the weights are the folder's
+            at_start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    tuned = tmp_path / "tuned"
+    train(
+        tiny(data, tuned, steps=3, captions=True, init=str(exported)),
+        TrainHooks(after_backward=after_backward),
+    )
+    assert at_start.keys() == start.keys()
+    assert all(torch.equal(at_start[k], start[k]) for k in start)
+    config = json.loads((tuned / "model" / "config.json").read_text())
+    assert config["norm"] == "group" and config["num_mixtures"] == 3
+    assert config["condition_all_layers"] is True  # from the folder, not the flag's default
+    assert config["caption_strength"] == 1.0  # training sees whole captions
+    record = json.loads((tuned / "run.json").read_text())
+    assert record["config"]["init"] == str(exported) and record["kl_warmup_steps"] == 0
+    after = ckpt.read_tensors(tuned / "model" / "model.safetensors")
+    assert any(not torch.equal(after[k], start[k]) for k in start)  # it did train
+    # a resume takes its weights from the checkpoint, not from --init again
+    _reset_accelerate()
+    resumed = train(tiny(data, tuned, steps=4, captions=True, init=str(exported), resume=True))
+    assert resumed["start_step"] == 3 and resumed["steps"] == 4
+
+
+def test_init_refuses_folders_that_do_not_fit_the_run(tmp_path, shards, monkeypatch):
+    import conditioning
+
+    monkeypatch.setattr(conditioning, "TextEncoder", CountingEncoder)
+    plain = tmp_path / "plain"
+    train(tiny(shards, plain, steps=1))  # no caption path
+    _reset_accelerate()
+
+    def refused(**overrides) -> str:
+        with pytest.raises(InpaintError) as caught:
+            train(tiny(shards, tmp_path / "run", steps=1, **overrides))
+        _reset_accelerate()
+        message = str(caught.value)
+        assert "\n" not in message and caught.value.exit_code == 2
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        return message
+
+    model = str(plain / "model")
+    assert "has no caption path" in refused(init=model, captions=True)
+    assert "drop --model-config" in refused(init=model, model_config={"norm": "group"})
+    assert "not a model folder" in refused(init=str(tmp_path / "missing"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(plain / "model", damaged)
+    (damaged / "config.json").write_text("{not json")
+    assert refused(init=str(damaged)).startswith(f"{damaged / 'config.json'}: invalid model config")
+    # weights of another architecture: named before anything is built from them
+    config = json.loads((plain / "model" / "config.json").read_text())
+    config["z_channels"] = 8
+    (damaged / "config.json").write_text(json.dumps(config))
+    message = refused(init=str(damaged))
+    assert message.startswith(f"--init {damaged}: ") and "does not match" in message
+
+
+def test_cli_init_bundled_names_the_bundled_model(tmp_path, shards):
+    # the bundled model has a caption path, so --no-captions is refused before any training
+    result = CliRunner().invoke(
+        app,
+        ["train", "--data", shards, "--out", str(tmp_path / "run"), "--no-captions",
+         "--init", "bundled", "--num-workers", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "model/default: the model has a caption path" in result.output
