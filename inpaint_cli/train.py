@@ -511,6 +511,24 @@ def _has_gpu() -> bool:
     )
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has bf16 instructions (x86 AVX512-BF16 or AMX, Arm BF16), from the
+    flags of /proc/cpuinfo; None where that cannot be told (no /proc, no flags line)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _rank_seed(seed: int, rank: int, purpose: int) -> int:
     return int(np.random.SeedSequence([seed, rank, purpose]).generate_state(1)[0])
 
@@ -934,6 +952,14 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             "--mixed-precision fp16: needs a GPU; on the CPU Accelerate would silently train in "
             "fp32 (use bf16 or no)"
         )
+    if config.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        if cpu_has_bf16() is False:
+            # emulated bf16 was measured 4-6x slower than fp32 (README, Performance)
+            accelerator.print(
+                "warning: --mixed-precision bf16 on a CPU without bf16 instructions "
+                "(AVX512-BF16, AMX or Arm BF16) runs several times slower than fp32; use "
+                "--mixed-precision no here"
+            )
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     device = accelerator.device

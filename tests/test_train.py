@@ -1077,9 +1077,31 @@ def test_a_second_training_into_a_run_folder_in_use_is_refused(tmp_path, shards)
     assert summary["start_step"] == 2 and summary["steps"] == 4
 
 
-def test_bf16_trains_on_cpu(tmp_path, shards):
+def test_bf16_trains_on_cpu(tmp_path, shards, monkeypatch, capsys):
+    from inpaint_cli import train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
     summary = train(tiny(shards, tmp_path / "run", steps=3, mixed_precision="bf16"))
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert "without bf16 instructions" not in capsys.readouterr().out
+    # on a CPU that only emulates bf16 the run still trains, with one warning line
+    _reset_accelerate()
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    train(tiny(shards, tmp_path / "slow", steps=1, mixed_precision="bf16"))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "bf16 instr" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --mixed-precision bf16")
+
+
+def test_cpu_has_bf16_reads_the_flags():
+    from inpaint_cli.train import cpu_has_bf16
+
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n"
+    assert cpu_has_bf16(x86.format("avx512_bf16")) is True
+    assert cpu_has_bf16(x86.format("amx_bf16 amx_tile")) is True
+    assert cpu_has_bf16(x86.format("avx512bw")) is False
+    assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd bf16 sve\n") is True
+    assert cpu_has_bf16("processor\t: 0\nFeatures\t: fp asimd\n") is False
+    assert cpu_has_bf16("nothing useful") is None
 
 
 # ---- captions ----------------------------------------------------------------------------------
