@@ -4,7 +4,8 @@ A checkpoint is written into `checkpoints/.tmp-step-N`, its `state.json` last, a
 to `checkpoints/step-N`. A rename is atomic, so a folder named `step-N` is complete by construction
 and a kill at any moment leaves either the previous checkpoints or a `.tmp-` folder that the next
 `--resume` removes. Old checkpoints are renamed to `.del-` before they are deleted for the same
-reason. Loading verifies every file's size against `state.json` before anything is used.
+reason. Loading verifies every file's size against `state.json` before anything is used, and a
+resume first checks that the saved random states can be restored (check_rng).
 """
 
 from __future__ import annotations
@@ -342,11 +343,13 @@ def verify(folder: Path) -> dict[str, Any]:
 def newest_complete(
     run_dir: Path, check: Callable[[Path, dict[str, Any]], None] | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies (and passes `check`, which raises InpaintError),
-    skipping (and naming) damaged ones."""
+    """The newest checkpoint to resume from: one that verifies, whose RNG states can be
+    restored (check_rng) and that passes `check` (which raises InpaintError), skipping (and
+    naming) damaged ones."""
     for _, folder in reversed(list_checkpoints(run_dir)):
         try:
             state = verify(folder)
+            check_rng(folder)
             if check is not None:
                 check(folder, state)
             return folder, state
@@ -419,32 +422,76 @@ def pack_rng(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[dict[st
 
 
 def unpack_rng(row: torch.Tensor, layout: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The parts pack_rng packed into `row`; ValueError when `layout` does not describe it."""
     parts = {}
     offset = 0
     for entry in layout:
-        dtype = getattr(torch, str(entry["dtype"]).removeprefix("torch."))
+        dtype = getattr(torch, str(entry["dtype"]).removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
-            raise InpaintError(f"rng layout: unknown dtype {entry['dtype']}", exit_code=1)
+            raise ValueError(f"unknown dtype {entry['dtype']!r}")
         shape = [int(size) for size in entry["shape"]]
-        count = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if count < 0 or offset + count > len(row):
+            raise ValueError(f"the layout describes more than the row's {len(row)} bytes")
         parts[entry["name"]] = row[offset : offset + count].clone().view(dtype).view(shape)
         offset += count
+    if offset != len(row):
+        raise ValueError(f"the layout describes {offset} bytes, the row holds {len(row)}")
     return parts
 
 
 def restore_rng(parts: dict[str, torch.Tensor], caption_generator: torch.Generator) -> None:
     import random
 
-    torch.set_rng_state(parts["torch"])
+    _set_rng(parts, torch.default_generator, caption_generator, random, np.random)
+    if "cuda" in parts and torch.cuda.is_available():
+        torch.cuda.set_rng_state(parts["cuda"])
+
+
+def _set_rng(
+    parts: dict[str, torch.Tensor],
+    torch_generator: torch.Generator,
+    caption_generator: torch.Generator,
+    python_random: Any,
+    numpy_random: Any,
+) -> None:
+    torch_generator.set_state(parts["torch"])
     caption_generator.set_state(parts["captions"])
     version, has_gauss, gauss = parts["python_extra"].tolist()
     mt_state = tuple(int(value) for value in parts["python_state"].tolist())
-    random.setstate((int(version), mt_state, gauss if has_gauss else None))
+    python_random.setstate((int(version), mt_state, gauss if has_gauss else None))
     pos, has_gauss, cached = parts["numpy_extra"].tolist()
     keys = parts["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
-    if "cuda" in parts and torch.cuda.is_available():
-        torch.cuda.set_rng_state(parts["cuda"])
+    numpy_random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+
+
+def check_rng(folder: Path) -> None:
+    """Raise a one-line InpaintError naming the file unless every process's RNG state in the
+    checkpoint `folder` can be restored. verify checks sizes only: a bit flip or an edit that
+    keeps the size would otherwise fail a resume, after the model is loaded, with a traceback.
+    Each state is tried on throwaway generators, so nothing global changes."""
+    import random
+
+    layout_path, rows_path = folder / "rng.json", folder / "rng.safetensors"
+    record = read_json(layout_path)
+    layout = record.get("layout") if isinstance(record, dict) else None
+    if not isinstance(layout, list):
+        raise InpaintError(f"{layout_path}: no RNG layout", exit_code=1)
+    rows = read_tensors(rows_path).get("rows")
+    if rows is None or rows.dtype != torch.uint8 or rows.dim() != 2:
+        raise InpaintError(f"{rows_path}: no rows of RNG state", exit_code=1)
+    for row in rows:
+        try:
+            parts = unpack_rng(row, layout)
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+            raise InpaintError(f"{layout_path}: malformed RNG layout ({error})", 1) from None
+        try:
+            trial = (torch.Generator(), torch.Generator(), random.Random())
+            _set_rng(parts, *trial, np.random.RandomState())
+        except KeyError as error:
+            raise InpaintError(f"{layout_path}: malformed RNG layout (no {error})", 1) from None
+        except (TypeError, ValueError, OverflowError, RuntimeError) as error:
+            raise InpaintError(f"{rows_path}: not a valid RNG state ({error})", 1) from None
 
 
 def _fsync_dir(folder: Path) -> None:
