@@ -610,7 +610,7 @@ def _dry_run(
         if not options.json_summary:
             for p in plan:
                 detail = p["problem"] if p["problem"] else f"mask {', '.join(p['masks'])}"
-                print(f"{p['action']:<5} {p['file']} -> {p['outputs'][0]}  ({detail})")
+                print(printable(f"{p['action']:<5} {p['file']} -> {p['outputs'][0]}  ({detail})"))
         _print_summary(summary, options)
     return summary
 

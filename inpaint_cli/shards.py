@@ -756,7 +756,9 @@ def write_shards(
     def warner(count: str) -> Warn:
         def warn(name: str, problem: str) -> None:
             counts[count] += 1
-            message = problem if problem.startswith(f"{name}: ") else f"{name}: {problem}"
+            # an InpaintError's message names the file already, escaped (printable)
+            named = problem.startswith(f"{printable(name)}: ")
+            message = problem if named else f"{name}: {problem}"
             console.print(f"warning: {printable(message)}", markup=False)
 
         return warn

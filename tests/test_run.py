@@ -465,6 +465,12 @@ def test_control_characters_in_file_names_keep_messages_on_one_line(tmp_path, ti
     assert not any(line.startswith(("error: forged", "mask")) for line in lines), lines
     assert any("no\\nmask.jpg: no mask found" in line for line in lines), lines
     assert any("evil\\nerror: forged.jpg -> evil\\nerror: forged.jpg.png" in line for line in lines)
+    # --dry-run lists one line per image (and the summary), names escaped the same way
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "planned", "--model", tiny_model,
+                    "--dry-run")  # fmt: skip
+    listed = result.stdout.splitlines()
+    assert len(listed) == 5 and listed[-1].startswith("done 0, skipped 0, failed 1 of 4"), listed
+    assert all(line.startswith(("fill ", "fail ")) for line in listed[:-1]), listed
 
 
 def test_a_mask_that_looks_inverted_is_warned_about_and_still_filled(tmp_path, tiny_model):

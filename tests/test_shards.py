@@ -203,6 +203,21 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path, make_image_folder
         assert sum(name in line for line in warnings) == 1
 
 
+def test_a_control_character_in_a_name_keeps_the_warning_on_one_line(
+    tmp_path, make_image_folder, capsys
+) -> None:
+    make_image_folder(tmp_path / "src", 2, captions="none")
+    bad = tmp_path / "src" / "evil\nwarning: forged.png"
+    bad.write_text("not a png")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 1
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    shown = str(bad).replace("\n", "\\n")
+    assert warnings == [
+        f"warning: {shown}: not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF)"
+    ]
+
+
 def test_names_never_become_paths(tmp_path, make_image_folder) -> None:
     make_image_folder(tmp_path / "src", 2, captions="metadata")
     outside = tmp_path / "outside.png"
