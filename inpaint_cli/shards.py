@@ -361,9 +361,15 @@ def parquet_items(src: Path, image_column: str, text_column: str, split_by: str 
 # ---------------------------------------------------------------- writing
 
 
-def _image_member(data: bytes, name: str) -> tuple[str, bytes, dict[str, Any]]:
-    """Validate by decoding fully; keep PNG/JPEG/WebP bytes as they are, re-encode others."""
+def _image_member(
+    data: bytes, name: str, note: Callable[[str], None]
+) -> tuple[str, bytes, dict[str, Any]]:
+    """Validate by decoding fully; keep PNG/JPEG/WebP bytes as they are, re-encode others.
+    An animation or a multi-page file is `note`d: the loaders decode its first frame only."""
     img = decode_image(data, name)
+    frames = img.info.get("frames", 1)
+    if frames > 1:
+        note(f"note: {name}: {frames} frames, training and evaluation use the first")
     info = {"width": img.width, "height": img.height}
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png", data, {**info, "format": "PNG"}
@@ -686,6 +692,7 @@ def _pack(
     split_fractions: list[tuple[str, float]],
     encoder: Any,
     warn: Warn,
+    note: Callable[[str], None],
     progress_bar: Any,
 ) -> None:
     """Read, check and write every item that no complete shard holds yet."""
@@ -700,7 +707,7 @@ def _pack(
             if position <= writers[split].through:
                 continue  # in a complete shard already
             try:
-                ext, data, info = _image_member(item.read_image(), item.name)
+                ext, data, info = _image_member(item.read_image(), item.name, note)
                 sample = {"__key__": item.key, ext: data}
                 if item.caption is not None:
                     sample["txt"] = item.caption.encode("utf-8")
@@ -763,6 +770,9 @@ def write_shards(
 
         return warn
 
+    def note(message: str) -> None:
+        console.print(printable(message), markup=False)
+
     warn = warner("skipped")
     items = _source_items(
         src, image_column, text_column, split_by, warn, warner("metadata_skipped")
@@ -810,7 +820,7 @@ def write_shards(
             console.print(f"resuming an interrupted run: complete shards kept ({kept}){bad}")
         try:
             with Progress(console=console, transient=True) as progress_bar:
-                _pack(items, writers, split_fractions, encoder, warn, progress_bar)
+                _pack(items, writers, split_fractions, encoder, warn, note, progress_bar)
         except BaseException as error:
             for writer in writers.values():
                 writer.discard_partial()

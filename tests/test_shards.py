@@ -261,11 +261,11 @@ def interrupt_read(monkeypatch, at_call: int) -> tuple[list, object]:
     real = shards_module._image_member
     reads: list[str] = []
 
-    def reading(data, name):
+    def reading(data, name, *rest):
         reads.append(name)
         if len(reads) == at_call:
             raise KeyboardInterrupt
-        return real(data, name)
+        return real(data, name, *rest)
 
     monkeypatch.setattr(shards_module, "_image_member", reading)
     monkeypatch.setattr(shards_module, "_CHUNK", 1)  # write as it reads, as on a large folder
@@ -649,6 +649,23 @@ def test_non_png_images_are_reencoded_and_jpeg_kept(tmp_path, png_sample) -> Non
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         stored = next(n for n in tar.getnames() if n.endswith(".jpg"))
         assert tar.extractfile(stored).read() == jpeg.getvalue()  # bytes kept as they were
+
+
+def test_a_file_of_several_frames_is_packed_with_one_note(tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(src / "blink.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(src / "pages.tif", save_all=True, append_images=frames[1:2])
+    frames[0].save(src / "still.png")
+    result = CliRunner().invoke(app, ["shards", str(src), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output  # a note, not a skipped file
+    notes = sorted(line for line in result.stderr.splitlines() if line.strip())
+    assert notes == [
+        f"note: {src / 'blink.gif'}: 3 frames, training and evaluation use the first",
+        f"note: {src / 'pages.tif'}: 2 frames, training and evaluation use the first",
+    ]
+    assert len(members(tmp_path / "out")) == 3 * 2  # image and json of each
 
 
 def test_exit_code_is_1_when_files_are_skipped_and_metadata_lines_count_apart(
