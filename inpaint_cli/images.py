@@ -73,7 +73,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode image bytes fully: EXIF orientation applied, ICC profile converted to sRGB.
 
     Animations and multi-page files give their first frame; `info["frames"]` says how many
-    there were.
+    there were. 16-bit grey stays 16-bit (I;16); other 16-bit files (colour, grey with alpha)
+    are read at 8 bits per channel, the high byte of each value, and marked
+    `info["reduced_from_16_bits"]`: Pillow has no 16-bit modes for them.
 
     Refuses empty data, non-images, truncated or corrupt files and decompression bombs
     (anything above `PIL.Image.MAX_IMAGE_PIXELS`, including Pillow's warn-only range).
@@ -88,6 +90,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
             _refuse_bombs(img, name)
+            reduced = _reads_16_bits_as_8(img)
             img.load()
     except InpaintError:
         raise
@@ -116,7 +119,19 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         except (ValueError, OSError):
             raise _fail(name, f"unsupported image mode {img.mode}") from None
     img.info["frames"] = frames
+    if reduced:
+        img.info["reduced_from_16_bits"] = True
     return img
+
+
+def _reads_16_bits_as_8(img: Image.Image) -> bool:
+    """Whether Pillow is about to decode 16 bits per channel into an 8-bit mode (its raw mode,
+    known before loading, is `RGB;16B`, `RGBA;16L`, `LA;16B`, ...)."""
+    if img.mode.startswith("I") or not img.tile:
+        return False
+    args = img.tile[0].args
+    rawmode = args[0] if isinstance(args, tuple) and args else args
+    return isinstance(rawmode, str) and ";16" in rawmode
 
 
 def load_image(path: Path) -> Image.Image:

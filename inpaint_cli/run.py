@@ -162,10 +162,16 @@ class _PrepareDataset:
         mode, base = windows.output_base(img, rgb)
         mask = _load_hole_mask(item, img.size, self.options)
         frames = img.info.get("frames", 1)
+        reduced = img.info.get("reduced_from_16_bits", False)
         del img
         prepared = Prepared(index, mode=mode, base=base, rgb=rgb, mask=mask, caption=item.caption)
         if frames > 1:
             prepared.notes.append(f"note: {item.source}: {frames} frames, the first is filled")
+        if reduced:
+            prepared.notes.append(
+                f"warning: {item.source}: 16 bits per channel, read and written at 8 "
+                "(only 16-bit grey stays 16-bit)"
+            )
         if prepared.caption is None and item.sidecar is not None and self.read_sidecars:
             try:
                 prepared.caption = item.sidecar.read_text(encoding="utf-8").strip()

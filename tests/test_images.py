@@ -132,6 +132,20 @@ def test_16_bit_big_endian_and_32_bit_modes() -> None:
     assert image_to_rgb_uint8(int32)[0, :, 0].tolist() == [0, 1, 255]
 
 
+@pytest.mark.parametrize(("channels", "ext"), [(3, ".png"), (4, ".png"), (3, ".tif")])
+def test_16_bit_colour_is_read_at_8_bits_scaled_not_clipped_and_marked(channels, ext) -> None:
+    import cv2
+
+    levels = np.array([[[0, 255, 256, 40000][:channels], [65535] * channels]], dtype=np.uint16)
+    ok, data = cv2.imencode(ext, levels[..., [2, 1, 0, 3][:channels]])  # OpenCV writes BGR(A)
+    img = decode_image(data.tobytes(), f"deep{ext}")
+    assert img.mode == ("RGB", "RGBA")[channels - 3]
+    assert np.asarray(img).tolist() == (levels >> 8).tolist()  # the high byte: 65535 -> 255
+    assert img.info.get("reduced_from_16_bits") is True
+    for eight_or_grey in (Image.new("RGB", (2, 1)), Image.fromarray(levels[..., 0])):
+        assert "reduced_from_16_bits" not in decode_image(encoded(eight_or_grey), "x.png").info
+
+
 def test_cmyk_jpeg_becomes_rgb() -> None:
     data = encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=95)
     pixels = rgb(data)

@@ -156,6 +156,29 @@ def test_odd_but_valid_images_are_filled(name, tmp_path, tiny_model):
         assert (alpha_in == 0).any()
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16_bit_colour_is_filled_at_8_bits_with_one_warning(channels, tmp_path, tiny_model):
+    import cv2
+
+    rng = np.random.default_rng(9)
+    deep = rng.integers(0, 65536, (30, 40, channels)).astype(np.uint16)
+    ok, data = cv2.imencode(".png", deep[..., [2, 1, 0, 3][:channels]])  # OpenCV writes BGR(A)
+    images, masks = _folder_with(tmp_path, "deep.png", data.tobytes())
+    out = tmp_path / "out"
+    result = _run_cli(images, masks, out, tiny_model)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "deep.png" in line]
+    assert warnings == [
+        f"warning: {images / 'deep.png'}: 16 bits per channel, read and written at 8 "
+        "(only 16-bit grey stays 16-bit)"
+    ]
+    written = Image.open(out / "deep.png")
+    assert written.mode == ("RGB", "RGBA")[channels - 3]
+    hole = np.asarray(Image.open(masks / "deep.png").convert("L")) >= 128
+    # outside the hole: the high byte of each 16-bit value (scaled, not clipped at 255)
+    assert np.array_equal(np.asarray(written)[~hole], (deep >> 8)[~hole])
+
+
 def _one_image_with_mask(tmp_path: Path, mask: np.ndarray) -> tuple[Path, Path, Path]:
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
