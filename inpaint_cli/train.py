@@ -1158,10 +1158,11 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                 if uncaptioned is not None:
                     uncaptioned = None if any(batch["caption"]) else uncaptioned + len(keys)
                     if uncaptioned is not None and uncaptioned >= CAPTION_CHECK_SAMPLES:
+                        # an --init model keeps its caption path: no --no-captions hint
+                        hint = "" if config.init else " (--no-captions trains without it)"
                         accelerator.print(
                             f"warning: no captions in the first {uncaptioned} samples of --data; "
-                            "the caption path learns only the empty caption (--no-captions "
-                            "trains without it)"
+                            f"the caption path learns only the empty caption{hint}"
                         )
                         uncaptioned = None
                 if len(seen_keys) < KEYS_RECORDED_PER_RANK:

@@ -1247,6 +1247,12 @@ def test_captions_on_shards_without_captions_are_warned_about_once(tmp_path, mon
     captioned = write_square_shards(tmp_path / "captioned", 16, 16)
     train(tiny(captioned, tmp_path / "run2", steps=4, captions=True))
     assert "no captions" not in capsys.readouterr().out
+    # fine-tuning a captioned model on images without captions: no --no-captions hint, since
+    # --init keeps the caption path (and --no-captions is refused for it)
+    _reset_accelerate()
+    train(tiny(bare, tmp_path / "run3", steps=4, captions=True, init=str(tmp_path / "run2/model")))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count(warning.removesuffix(" (--no-captions trains without it)")) == 1
 
 
 # ---- several processes -------------------------------------------------------------------------
