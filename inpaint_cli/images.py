@@ -395,16 +395,22 @@ def _remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    """Encode an image as PNG bytes."""
+def png_bytes(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """Encode an image as PNG bytes, with `text` as tEXt chunks (before the pixels, so reading
+    them back does not decode the image)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
+    img.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 
-def save_png_atomic(img: Image.Image, path: Path) -> None:
+def save_png_atomic(img: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
     """Save an image as PNG atomically (see atomic_write_bytes)."""
-    atomic_write_bytes(path, png_bytes(img))
+    atomic_write_bytes(path, png_bytes(img, text))
 
 
 def check_replaceable(

@@ -119,6 +119,7 @@ class Prepared:
     crops: list[np.ndarray] = field(default_factory=list)
     holes: list[np.ndarray] = field(default_factory=list)
     caption: str | None = None
+    fingerprint: str = ""  # of the inputs as read (run_plan.input_fingerprint)
 
 
 def _load_hole_mask(item: Item, size: tuple[int, int], options: RunOptions) -> np.ndarray:
@@ -157,6 +158,10 @@ class _PrepareDataset:
     def _prepare(self, index: int, item: Item) -> Prepared:
         if item.problem is not None:
             return Prepared(index, problem=item.problem)
+        try:  # before decoding: an input edited meanwhile is filled again by the next run
+            fingerprint = run_plan.input_fingerprint(item)
+        except OSError:
+            fingerprint = ""  # the file's problem is named by load_image or load_mask below
         img = load_image(item.source)
         rgb = image_to_rgb_uint8(img)
         mode, base = windows.output_base(img, rgb)
@@ -164,7 +169,8 @@ class _PrepareDataset:
         frames = img.info.get("frames", 1)
         reduced = img.info.get("reduced_from_16_bits", False)
         del img
-        prepared = Prepared(index, mode=mode, base=base, rgb=rgb, mask=mask, caption=item.caption)
+        prepared = Prepared(index, mode=mode, base=base, rgb=rgb, mask=mask)
+        prepared.caption, prepared.fingerprint = item.caption, fingerprint
         if frames > 1:
             prepared.notes.append(f"note: {item.source}: {frames} frames, the first is filled")
         if reduced:
@@ -223,6 +229,7 @@ def _write_outputs(job: _Job, options: RunOptions, out: Path, lut: np.ndarray | 
     """Compose and write every output of one image; on failure remove what this wrote, so an
     image has all its outputs or none."""
     prepared, named = job.prepared, job.item.outputs(options)
+    text = {run_plan.INPUTS_KEY: prepared.fingerprint}
     written: list[Path] = []
     try:
         try:
@@ -232,16 +239,15 @@ def _write_outputs(job: _Job, options: RunOptions, out: Path, lut: np.ndarray | 
             raise InpaintError(message, exit_code=1) from error
         for name, canvas in zip(named["samples"], job.canvases, strict=True):
             img = windows.compose_output(prepared.mode, prepared.base, canvas, prepared.mask)
-            save_png_atomic(img, out / name)
+            save_png_atomic(img, out / name, text)
             written.append(out / name)
         if named["uncertainty"] and lut is not None:
             heat = windows.uncertainty_image(prepared.rgb, job.canvases, prepared.mask, lut)
-            save_png_atomic(heat, out / named["uncertainty"])
+            save_png_atomic(heat, out / named["uncertainty"], text)
             written.append(out / named["uncertainty"])
         if named["overlay"]:
-            save_png_atomic(
-                windows.overlay_image(prepared.rgb, prepared.mask), out / named["overlay"]
-            )
+            overlay = windows.overlay_image(prepared.rgb, prepared.mask)
+            save_png_atomic(overlay, out / named["overlay"], text)
             written.append(out / named["overlay"])
     except BaseException:
         for path in written:
@@ -659,10 +665,18 @@ def run_folder(options: RunOptions) -> dict:
     settings = run_plan.output_settings(options, model_dir, masks, encoder_record, strength)
     earlier = run_plan.check_manifest(out, settings, options.overwrite)
     run_plan.check_foreign_files(items, options, out)
-    done = [
-        not options.overwrite and item.problem is None and run_plan.is_done(item, options, out)
+    redo_all = options.overwrite
+    states = [
+        "missing" if redo_all or item.problem else run_plan.output_state(item, options, out)
         for item in items
     ]
+    done = [state == "done" for state in states]
+    changed = [item for item, state in zip(items, states, strict=True) if state == "changed"]
+    if changed and is_main:
+        log.line(
+            f"note: {len(changed)} image(s) changed since their outputs were written (image, "
+            f"mask or caption), so they are filled again, e.g. {changed[0].source}"
+        )
     if options.dry_run:
         return _dry_run(options, items, done, out, is_main)
 

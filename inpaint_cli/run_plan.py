@@ -370,8 +370,54 @@ def _sample_names(item: Item, options: RunOptions) -> str:
     return ", ".join(names) if len(names) <= 2 else f"{names[0]} ... {names[-1]}"
 
 
-def is_done(item: Item, options: RunOptions, out: Path) -> bool:
-    return all((out / name).is_file() for name in item.output_names(options))
+# The tEXt key of every output PNG that records what the output was made from.
+INPUTS_KEY = "inpaint:inputs"
+
+
+def _input_files(item: Item) -> list[Path]:
+    return [item.source, *item.masks, *([item.sidecar] if item.sidecar else [])]
+
+
+def input_fingerprint(item: Item) -> str:
+    """What an image's outputs are made from: the sha256 of the image's, masks' and caption
+    sidecar's bytes, and the caption. Contents only, so the same files copied elsewhere give
+    the same fingerprint (and the same output bytes). Raises OSError for an unreadable file."""
+    digest = hashlib.sha256()
+    for path in _input_files(item):
+        digest.update(sha256_file(path).encode("ascii"))
+    digest.update(b"\0" + (item.caption or "").encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def recorded_fingerprint(output: Path) -> str | None:
+    """The fingerprint an output was written with; None for an output that has none (written
+    before outputs carried it) or cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(output) as img:
+            value = img.info.get(INPUTS_KEY)
+    except Exception:  # a damaged output is judged as before: by its presence
+        return None
+    return value if isinstance(value, str) else None
+
+
+def output_state(item: Item, options: RunOptions, out: Path) -> str:
+    """'missing' (some output absent), 'changed' (all there, but made from other inputs) or
+    'done'."""
+    names = item.output_names(options)
+    if not all((out / name).is_file() for name in names):
+        return "missing"
+    try:
+        written = (out / names[0]).stat().st_mtime_ns
+        if max(path.stat().st_mtime_ns for path in _input_files(item)) < written:
+            return "done"  # make's rule, which spares reading every input on a rerun
+        recorded = recorded_fingerprint(out / names[0])
+        if recorded is None or recorded == input_fingerprint(item):
+            return "done"
+    except OSError:
+        return "missing"  # an input gone or unreadable: filling it names the problem
+    return "changed"
 
 
 def check_foreign_files(items: list[Item], options: RunOptions, out: Path) -> None:

@@ -178,6 +178,12 @@ def _pngs(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))}
 
 
+def _pixels(out: Path) -> dict[str, bytes]:
+    """The outputs' pixels: runs from other inputs (a caption from another place) write other
+    input fingerprints into the files, so their bytes differ even where the fills agree."""
+    return {name: Image.open(io.BytesIO(data)).tobytes() for name, data in _pngs(out).items()}
+
+
 def test_same_seed_same_bytes_and_batch_size_tolerance(mixed: dict, tiny_model: Path, tmp_path):
     def run(out: str, batch: int, seed: int = 3, workers: int = 0) -> dict:
         options = RunOptions(images=mixed["images"], masks=mixed["masks"], out=tmp_path / out,
@@ -764,7 +770,7 @@ def test_caption_model_uses_flag_file_and_sidecar(tmp_path, default_encoder_iden
         options = RunOptions(images=images, masks=masks, out=tmp_path / out, model=model,
                              num_workers=0, batch_size=1, **extra)  # fmt: skip
         assert run_folder(options)["done"] == 3
-        return _pngs(tmp_path / out)
+        return _pixels(tmp_path / out)
 
     red, blue = run("red", caption="a red apple"), run("blue", caption="a blue sky")
     assert red["plain.png"] != blue["plain.png"]  # the caption reaches the model
@@ -782,7 +788,7 @@ def test_caption_strength_from_the_model_config_or_the_flag(tmp_path, default_en
         result = invoke(images, "--masks", masks, "--out", tmp_path / out, "--model", model,
                         "--num-workers", "0", *extra)  # fmt: skip
         assert result.exit_code == 0, result.output
-        return _pngs(tmp_path / out)
+        return _pixels(tmp_path / out)
 
     (images / "sidecar.txt").unlink()
     plain = run("plain")  # no captions at all: the learned empty caption
@@ -833,3 +839,37 @@ def test_missing_bundled_model_is_a_clear_error(tmp_path, monkeypatch, mixed):
     result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert "bundled default model" in result.stderr and "--model" in result.stderr
+
+
+def test_a_rerun_fills_again_the_images_whose_mask_photo_or_caption_changed(tmp_path, tiny_model):
+    """Skipping by output name alone kept the old fill after a mask was redrawn."""
+    images, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "out"
+    for name, seed in (("cat", 0), ("dog", 1), ("owl", 2)):
+        _photo(images / f"{name}.jpg", seed)
+        _save_mask(masks / f"{name}.png", _box_mask(24, 20, HOLE))
+    (images / "owl.txt").write_text("an owl")
+    args = [images, "--masks", masks, "--out", out, "--model", tiny_model, "--num-workers", "0"]
+    assert invoke(*args).exit_code == 0
+    first = _pngs(out)
+
+    # the same inputs copied (newer files, same contents) and by another path: nothing to redo
+    copy = tmp_path / "copy"
+    shutil.copytree(images, copy, copy_function=shutil.copyfile)
+    again = invoke(copy, *args[1:], "--json")
+    assert json.loads(again.stdout)["skipped"] == 3, again.output
+    assert _pngs(out) == first
+
+    _save_mask(masks / "cat.png", _box_mask(24, 20, [(0.0, 0.0, 0.5, 0.5)]))  # redrawn
+    _photo(images / "dog.jpg", seed=7)  # replaced
+    (images / "owl.txt").write_text("a snowy owl, hooting")  # recaptioned
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["done"], summary["skipped"]) == (3, 0)
+    assert "3 image(s) changed since their outputs were written" in result.stderr
+    second = _pngs(out)
+    assert second["cat.png"] != first["cat.png"] and second["dog.png"] != first["dog.png"]
+    hole = _box_mask(24, 20, [(0.0, 0.0, 0.5, 0.5)]) > 0
+    assert_outside_unchanged(images / "cat.jpg", out / "cat.png", hole)  # the new mask's fill
+    third = json.loads(invoke(*args, "--json").stdout)
+    assert (third["done"], third["skipped"]) == (0, 3)  # and now they are done
