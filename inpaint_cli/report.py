@@ -242,6 +242,18 @@ def _is_local_path(url: str) -> bool:
         return False
 
 
+def latest_config(run: dict[str, Any]) -> dict[str, Any]:
+    """The training config in force at the run's newest resume (each records its own: the
+    validation shards may have moved), else the one it started with."""
+    resumes = run.get("resumes")
+    if isinstance(resumes, list):
+        for entry in reversed(resumes):
+            if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+                return entry["config"]
+    config = run.get("config")
+    return config if isinstance(config, dict) else {}
+
+
 def _local_sample_shards(run_dir: Path, config: dict[str, Any]) -> list[str] | None:
     """The validation shards (else the training ones) that run.json names, or None, after a
     warning, when one is not a local path. A run folder may come from someone else: reading it
@@ -273,7 +285,7 @@ def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
     from inpaint_cli.data import eval_loader
     from model.hvae import HVAE
 
-    config = run.get("config", {})
+    config = latest_config(run)
     urls = _local_sample_shards(run_dir, config)
     if urls is None:
         return False

@@ -343,6 +343,22 @@ def parse_model_config(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def _recorded_model_config(config: TrainConfig) -> Any:
+    """On --resume, the architecture the run was started with (run.json), or None. A resumed
+    --init run takes it from there: the --init folder may have moved or changed since (the
+    bundled model changes with the package), and the checkpoint holds every weight anyway."""
+    from model.hvae import HVAEConfig
+
+    run_dir = Path(config.out)
+    if not config.resume or not ckpt.list_checkpoints(run_dir):
+        return None
+    try:
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        return HVAEConfig.from_dict(record["model_config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no usable record: the --init folder decides, as when the run started
+
+
 def _init_model_config(config: TrainConfig) -> Any:
     """The config of the --init model folder, for training: captions at full strength."""
     from model.hvae import CONFIG_NAME, HVAEConfig
@@ -352,6 +368,9 @@ def _init_model_config(config: TrainConfig) -> Any:
             "--model-config: the architecture of --init comes from its config.json; drop "
             "--model-config (a fine-tune keeps the architecture it starts from)"
         )
+    recorded = _recorded_model_config(config)
+    if recorded is not None:
+        return recorded
     path = Path(config.init) / CONFIG_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -975,6 +994,11 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     if resume_from is not None:
         _warn_on_changes(accelerator, resume_from, config, world)
     start_step = resume_from[1]["step"] if resume_from is not None else 0
+    if start_step > config.steps:
+        raise InpaintError(
+            f"--steps {config.steps}: {run_dir} is already at step {start_step} (its newest "
+            "checkpoint); --steps is the run's total, not the steps to add"
+        )
     # read before anything changes: a resume appends to the run's record (command lines,
     # versions), which is not rewritten from scratch behind the user's back when damaged
     previous_record = None
@@ -1026,7 +1050,12 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     layers = model.num_latent_layers
     kl_warmup = config.kl_warmup_steps
-    if kl_warmup is None:
+    recorded_warmup = (previous_record or {}).get("kl_warmup_steps")
+    if kl_warmup is None and isinstance(recorded_warmup, int) and recorded_warmup >= 0:
+        # the run's own ramp: one recomputed from a new --steps would lower the KL weight of
+        # layers already at 1 (and a latent at weight 0 learns to copy the hole)
+        kl_warmup = recorded_warmup
+    elif kl_warmup is None:
         # a trained model's latents already carry information: no KL warm-up when starting
         # from one (a zero KL weight would let the posterior drift from the prior again)
         kl_warmup = 0 if config.init else default_kl_warmup(config.steps, layers)
@@ -1087,7 +1116,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             # only a history: a damaged one is restarted rather than blocking the resume
             previous_record["resumes"] = (resumes if isinstance(resumes, list) else []) + [
                 {key: run_record[key] for key in ("command_line", "started", "world_size")}
-                | {"step": start_step}
+                | {"step": start_step, "config": run_record["config"], "kl_warmup_steps": kl_warmup}
             ]
             run_record = previous_record
         _write_json(previous, run_record)

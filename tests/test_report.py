@@ -333,3 +333,15 @@ def test_null_numbers_in_a_log_line_are_gaps_in_the_curves(run_dir, tmp_path, ca
     (run / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert len(write_report(run, tmp_path / "plots")) == 3
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_newest_resume_config_names_the_shards_to_sample():
+    from inpaint_cli.report import latest_config
+
+    first = {"val_data": "old/val-000000.tar"}
+    resumed = {"val_data": "new/val-000000.tar"}
+    assert latest_config({"config": first}) == first
+    assert latest_config({"config": first, "resumes": [{"step": 5}]}) == first  # older records
+    run = {"config": first, "resumes": [{"config": resumed}, {"step": 9, "config": "damaged"}]}
+    assert latest_config(run) == resumed
+    assert latest_config({"config": None}) == {}

@@ -1416,10 +1416,44 @@ def test_init_starts_from_a_model_folder_and_fine_tunes_it(tmp_path, monkeypatch
     assert record["config"]["init"] == str(exported) and record["kl_warmup_steps"] == 0
     after = ckpt.read_tensors(tuned / "model" / "model.safetensors")
     assert any(not torch.equal(after[k], start[k]) for k in start)  # it did train
-    # a resume takes its weights from the checkpoint, not from --init again
+    # a resume takes its weights from the checkpoint, and its architecture from run.json, not
+    # from --init again: that folder may be gone or changed (a package upgrade's bundled model)
+    shutil.rmtree(exported)
     _reset_accelerate()
     resumed = train(tiny(data, tuned, steps=4, captions=True, init=str(exported), resume=True))
     assert resumed["start_step"] == 3 and resumed["steps"] == 4
+    config = json.loads((tuned / "model" / "config.json").read_text())
+    assert config["norm"] == "group" and config["num_mixtures"] == 3
+
+
+def test_a_resume_keeps_the_runs_kl_warmup_and_refuses_fewer_steps(tmp_path, shards):
+    """A larger --steps re-planned the default warm-up: layers at KL weight 1 fell back to 0.1."""
+    out = tmp_path / "run"
+    train(tiny(shards, out, steps=100))
+    warmup = json.loads((out / "run.json").read_text())["kl_warmup_steps"]
+    assert warmup > 0 and log(out)[-1]["kl_weight_min"] == 1.0
+
+    def stop_soon(step: int) -> None:
+        if step == 101:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _reset_accelerate()
+    with pytest.raises(InpaintError) as stopped:  # a long continuation, stopped at step 102
+        train(tiny(shards, out, steps=4000, resume=True), TrainHooks(after_step=stop_soon))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    rows = [row for row in log(out) if row["step"] > 100]
+    assert rows and all(row["kl_weight_min"] == 1.0 for row in rows)
+    record = json.loads((out / "run.json").read_text())
+    assert record["kl_warmup_steps"] == warmup
+    assert record["resumes"][-1]["kl_warmup_steps"] == warmup
+    assert record["resumes"][-1]["config"]["steps"] == 4000  # each resume records its config
+    _reset_accelerate()
+    with pytest.raises(InpaintError) as caught:
+        train(tiny(shards, out, steps=30, resume=True))
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "already at step 102" in message
+    assert "not the steps to add" in message
+    assert len(json.loads((out / "run.json").read_text())["resumes"]) == 1  # nothing recorded
 
 
 def test_init_refuses_folders_that_do_not_fit_the_run(tmp_path, shards, monkeypatch):
