@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -303,6 +304,10 @@ def plan(
     image_set = set(files)
     finder = MaskFinder(masks, out, image_set)
     file_captions = read_caption_file(Path(options.caption_file)) if options.caption_file else {}
+    # file_name is relative to IMAGES; else, as in a Hugging Face imagefolder, to the caption
+    # file's folder (a single image given from a captioned folder, a metadata.jsonl above IMAGES)
+    caption_root = _absolute(Path(options.caption_file).parent) if options.caption_file else None
+    matched: set[str] = set()
     items = []
     for path in files:
         rel = PurePosixPath(path.relative_to(root).as_posix())
@@ -311,20 +316,28 @@ def plan(
         if not item.masks:
             item.problem = f"{path}: no mask found in {options.masks} (looked for {rel.stem}.* " \
                 f"and {rel.stem}_mask*.png)"  # fmt: skip
+        key = _caption_key(item.rel, path, caption_root, file_captions)
         if options.caption is not None:
             item.caption = options.caption
-        elif item.rel in file_captions:
-            item.caption = file_captions[item.rel]
+        elif key is not None:
+            item.caption = file_captions[key]
+            matched.add(key)
         else:
             sidecar = path.with_suffix(".txt")
             item.sidecar = sidecar if sidecar.is_file() else None
         items.append(item)
-    unmatched = sorted(set(file_captions) - {item.rel for item in items})
-    if unmatched and warn is not None:  # e.g. names relative to another folder than IMAGES
+    unmatched = sorted(set(file_captions) - matched) if options.caption is None else []
+    if Path(options.images).is_file() and file_captions and options.caption is None:
+        if not matched and warn is not None:  # one image: the other entries are no concern
+            warn(
+                f"warning: {options.caption_file}: no caption names {files[0]}; it is filled "
+                "without one (file_name is relative to IMAGES or to the caption file's folder)"
+            )
+    elif unmatched and warn is not None:  # e.g. names relative to another folder than IMAGES
         warn(
             f"warning: {options.caption_file}: {len(unmatched)} of {len(file_captions)} captions "
             f"name no image under {root} (first: {unmatched[0]!r}); file_name is relative to "
-            "IMAGES"
+            "IMAGES or to the caption file's folder"
         )
     resolve_name_clashes(items, options, warn)
     protected = {p.resolve() for p in image_set} | {
@@ -337,6 +350,24 @@ def plan(
                     item.problem = f"{item.source}: output {out / name} would replace an input"
                     break
     return items
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))  # not resolved: a symlinked image keeps its place
+
+
+def _caption_key(
+    rel: str, path: Path, caption_root: Path | None, captions: dict[str, str]
+) -> str | None:
+    if rel in captions:
+        return rel
+    if caption_root is None:
+        return None
+    absolute = _absolute(path)
+    if not absolute.is_relative_to(caption_root):
+        return None
+    key = absolute.relative_to(caption_root).as_posix()
+    return key if key in captions else None
 
 
 def resolve_name_clashes(

@@ -14,6 +14,7 @@ from conftest import random_tiny_model
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
+from inpaint_cli import run_plan
 from inpaint_cli.app import app
 from inpaint_cli.errors import InpaintError
 from inpaint_cli.run import RunOptions, run_folder
@@ -741,14 +742,48 @@ def test_captions_that_name_no_image_are_warned_about(tmp_path, tiny_model):
     captions = tmp_path / "captions.jsonl"
     rows = [
         {"file_name": "listed.png", "text": "ok"},
-        {"file_name": "images/plain.png", "text": "x"},
+        {"file_name": "photos/plain.png", "text": "x"},
     ]
     captions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
                     "--caption-file", captions, "--dry-run")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "1 of 2 captions name no image" in result.stderr
-    assert "'images/plain.png'" in result.stderr
+    assert "'photos/plain.png'" in result.stderr
+
+
+def test_caption_file_names_relative_to_its_folder_and_a_single_image(tmp_path, tiny_model):
+    """A single image given from a captioned folder took no caption, silently."""
+    images, masks = _caption_folder(tmp_path)
+    (images / "trip").mkdir()
+    shutil.move(images / "plain.png", images / "trip" / "plain.png")
+    metadata = tmp_path / "metadata.jsonl"  # above IMAGES, names relative to its own folder
+    rows = [{"file_name": "images/listed.png", "text": "a red apple"},
+            {"file_name": "images/trip/plain.png", "text": "a blue sky"}]  # fmt: skip
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def planned(source: Path, caption_file: Path) -> tuple[dict, list[str]]:
+        options = RunOptions(images=source, masks=masks, out=tmp_path / "out",
+                             caption_file=caption_file)  # fmt: skip
+        root, files = run_plan.discover(source, tmp_path / "out", masks)
+        warnings: list[str] = []
+        items = run_plan.plan(options, root, files, masks, tmp_path / "out", warnings.append)
+        return {item.rel: item.caption for item in items}, warnings
+
+    captions, warnings = planned(images, metadata)
+    assert captions == {"listed.png": "a red apple", "sidecar.png": None,
+                        "trip/plain.png": "a blue sky"}  # fmt: skip
+    assert warnings == []
+    one = images / "trip" / "plain.png"
+    assert planned(one, metadata) == ({"plain.png": "a blue sky"}, [])
+    (images / "metadata.jsonl").write_text(json.dumps({"file_name": "trip/plain.png",
+                                                       "text": "a green leaf"}) + "\n")  # fmt: skip
+    assert planned(one, images / "metadata.jsonl")[0] == {"plain.png": "a green leaf"}
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"file_name": "listed.png", "text": "x"}) + "\n")
+    captions, warnings = planned(one, other)
+    assert captions == {"plain.png": None} and len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {other}: no caption names {one}; it is filled")
 
 
 def test_model_without_captions_ignores_them_with_one_warning(tmp_path, tiny_model):
