@@ -22,7 +22,13 @@ from PIL import Image, ImageCms, ImageOps
 from inpaint_cli.errors import InpaintError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+)
+# Photo and picture formats people keep beside those that inpaint does not read (no decoder
+# here, or not among SAFE_FORMATS): a folder listing leaves them out with a warning, not silently.
+UNREAD_IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
+    | {".orf", ".rw2", ".raf", ".psd", ".svg", ".tga", ".ico", ".ppm", ".pgm", ".pnm", ".qoi"}
 )
 # Masks that live beside their images (LaMa style): `<stem>_mask.png`, `<stem>_mask001.png`.
 MASK_NAME_RE = re.compile(r"^(?P<stem>.+)_mask[^/\\]*\.png$", re.IGNORECASE)
@@ -248,25 +254,36 @@ def walk_files(root: Path) -> Iterator[Path]:
             yield Path(folder) / name
 
 
-def list_images(root: Path) -> list[Path]:
+def list_images(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     """Image files under `root` (recursive, sorted), leaving out hidden and `*_mask*.png` files.
 
     A file given directly is returned as is. A missing path is a usage error (exit code 2).
+    Files in picture formats inpaint does not read (HEIC, RAW, ...) are added to `left_out`.
     """
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise InpaintError(f"{root}: no such file or folder", exit_code=2)
-    found = [
-        path
-        for path in walk_files(root)
-        if path.suffix.lower() in IMAGE_EXTENSIONS
-        and not MASK_NAME_RE.match(path.name)
-        and not _is_hidden(path.relative_to(root))
-        and path.is_file()
-    ]
+    found = []
+    for path in walk_files(root):
+        if _is_hidden(path.relative_to(root)) or not path.is_file():
+            continue
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS and not MASK_NAME_RE.match(path.name):
+            found.append(path)
+        elif suffix in UNREAD_IMAGE_EXTENSIONS and left_out is not None:
+            left_out.append(path)
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def left_out_warning(root: Path, left_out: list[Path]) -> str:
+    """One line for the files list_images left out for their format."""
+    suffixes = sorted({path.suffix.lower() for path in left_out})
+    return (
+        f"warning: {root}: {len(left_out)} file(s) in formats inpaint does not read "
+        f"({', '.join(suffixes)}) left out, e.g. {left_out[0]}; convert them to PNG, JPEG or WebP"
+    )
 
 
 def check_output_place(

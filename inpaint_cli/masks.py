@@ -154,6 +154,7 @@ def write_masks(
 
     from inpaint_cli.images import (
         check_output_place,
+        left_out_warning,
         list_images,
         load_image,
         make_output_folder,
@@ -163,7 +164,11 @@ def write_masks(
     check_kind(kind)
     area = parse_hole_area(hole_area) if isinstance(hole_area, str) else tuple(hole_area)
     images, out = Path(images), Path(out)
-    paths = list_images(images)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    left_out: list[Path] = []
+    paths = list_images(images, left_out)
+    if left_out:
+        console.print(printable(left_out_warning(images, left_out)), markup=False)
     if not paths:
         raise InpaintError(f"{images}: no images found", exit_code=2)
     root = images if images.is_dir() else images.parent
@@ -172,7 +177,6 @@ def write_masks(
     # Second guard, for what the folder check cannot see (a symlink in OUT into IMAGES): a
     # mask is never written over an input image.
     inputs = {path.resolve() for path in paths}
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
     counts = {"written": 0, "skipped": 0, "failed": 0}
     targets: set[Path] = set()
     with Progress(console=console, transient=True) as progress:

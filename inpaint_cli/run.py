@@ -645,7 +645,7 @@ def run_folder(options: RunOptions) -> dict:
     state = PartialState(cpu=options.device == "cpu" or not torch.cuda.is_available())
     is_main, rank, world = state.is_main_process, state.process_index, state.num_processes
     log = _Log()
-    root, files = run_plan.discover(images, out, masks)
+    root, files = run_plan.discover(images, out, masks, log.line if is_main else None)
     items = run_plan.plan(options, root, files, masks, out, log.line if is_main else None)
     run_plan.check_grid(options, items, images, masks, out)
 

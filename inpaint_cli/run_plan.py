@@ -23,6 +23,7 @@ from inpaint_cli.images import (
     IMAGE_EXTENSIONS,
     MASK_NAME_RE,
     check_output_place,
+    left_out_warning,
     list_images,
     walk_files,
 )
@@ -186,11 +187,16 @@ def check_grid(
             refuse(f"is a record of {out}")
 
 
-def discover(images: Path, out: Path, masks: Path) -> tuple[Path, list[Path]]:
+def discover(
+    images: Path, out: Path, masks: Path, warn: Callable[[str], None] | None = None
+) -> tuple[Path, list[Path]]:
     """(root that relative paths start from, sorted image files)."""
     if images.is_file():
         return images.parent, [images]
-    found = list_images(images)
+    left_out: list[Path] = []
+    found = list_images(images, left_out)
+    if left_out and warn is not None:
+        warn(left_out_warning(images, left_out))
     # OUT or MASKS inside IMAGES is allowed: its files (earlier outputs, masks) are never taken
     # as inputs. MASKS may also be IMAGES itself: then only <stem>_mask*.png are masks, and
     # list_images leaves those out already.

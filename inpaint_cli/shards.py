@@ -224,7 +224,10 @@ def folder_items(
     `warn` is called for each image left out, `warn_metadata` for each metadata line or row
     that is ignored (it leaves no image out, so callers count the two apart).
     """
-    paths = list_images(root)
+    left_out: list[Path] = []
+    paths = list_images(root, left_out)
+    for path in left_out:
+        warn(str(path), f"{path.suffix} is not a format inpaint reads; convert it to PNG or JPEG")
     metadata = _folder_metadata(root, set(paths), text_column, warn_metadata)
     if split_by and not any(split_by in row for row in metadata.values()):
         raise InpaintError(

@@ -908,3 +908,23 @@ def test_a_rerun_fills_again_the_images_whose_mask_photo_or_caption_changed(tmp_
     assert_outside_unchanged(images / "cat.jpg", out / "cat.png", hole)  # the new mask's fill
     third = json.loads(invoke(*args, "--json").stdout)
     assert (third["done"], third["skipped"]) == (0, 3)  # and now they are done
+
+
+def test_pictures_in_formats_it_does_not_read_get_one_warning(tmp_path, tiny_model):
+    images, masks = tmp_path / "photos", tmp_path / "masks"
+    _photo(images / "cat.jpe")  # a JPEG by another extension: filled
+    _save_mask(masks / "cat.png", _box_mask(24, 20, HOLE))
+    for name in ("IMG_1.heic", "IMG_2.heic", "raw/IMG_3.dng"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(b"not read")
+    result = invoke(images, "--masks", masks, "--out", tmp_path / "out", "--model", tiny_model,
+                    "--num-workers", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    warnings = [
+        line for line in result.stderr.splitlines() if "formats inpaint does not read" in line
+    ]
+    assert warnings == [
+        f"warning: {images}: 3 file(s) in formats inpaint does not read (.dng, .heic) left out, "
+        f"e.g. {images / 'IMG_1.heic'}; convert them to PNG, JPEG or WebP"
+    ]
+    assert (tmp_path / "out" / "cat.png").is_file()

@@ -203,6 +203,23 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path, make_image_folder
         assert sum(name in line for line in warnings) == 1
 
 
+def test_pictures_in_formats_it_does_not_read_are_warned_about_not_dropped(
+    tmp_path, make_image_folder, capsys
+) -> None:
+    """A phone's HEIC photos were left out without a word (and shards said 0 bad files)."""
+    make_image_folder(tmp_path / "src", 2, captions="none")
+    (tmp_path / "src" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "src" / "notes.md").write_text("not a picture: not mentioned")
+    Image.new("RGB", (4, 4)).save(tmp_path / "src" / "old.jpe", format="JPEG")
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 1 and summary["splits"]["train"]["count"] == 3  # .jpe is JPEG
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: {tmp_path / 'src' / 'IMG_0001.HEIC'}: .HEIC is not a format inpaint reads; "
+        "convert it to PNG or JPEG"
+    ]
+
+
 def test_a_control_character_in_a_name_keeps_the_warning_on_one_line(
     tmp_path, make_image_folder, capsys
 ) -> None:
