@@ -214,10 +214,17 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
                 hole = ~opaque
     if size is not None and hole.shape[::-1] != tuple(size):
         if not resize:
+            turned = hole.shape == tuple(size)  # a photo stored sideways, upright by its EXIF tag
+            advice = (
+                "it looks drawn on the image turned by 90 degrees: images are read upright, as "
+                "their EXIF orientation says, so draw it on the upright image"
+                if turned
+                else "use --resize-masks to resize it"
+            )
             raise _fail(
                 str(path),
                 f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]} "
-                "(use --resize-masks to resize it)",
+                f"({advice})",
             )
         scaled = Image.fromarray(hole).resize(tuple(size), Image.Resampling.NEAREST)
         hole = np.asarray(scaled, dtype=bool)

@@ -482,3 +482,13 @@ def test_a_forked_child_does_not_keep_the_output_lock(tmp_path) -> None:
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_mask_of_another_size_names_the_fix(tmp_path: Path) -> None:
+    Image.new("L", (40, 30), 255).save(tmp_path / "small.png")
+    with pytest.raises(InpaintError, match=r"mask is 40x30 but the image is 80x60 \(use --resize"):
+        load_mask(tmp_path / "small.png", (80, 60))
+    assert load_mask(tmp_path / "small.png", (80, 60), resize=True).shape == (60, 80)
+    # drawn on a photo stored sideways: resizing would stretch it, so that is not the advice
+    with pytest.raises(InpaintError, match=r"mask is 40x30 but the image is 30x40 \(.*upright"):
+        load_mask(tmp_path / "small.png", (30, 40))
