@@ -314,6 +314,9 @@ def evaluate(
         0.8, min=0.0, help="Prior temperature of the K samples (the T=0 fill is always scored)."
     ),
     hole_area: str = typer.Option("0.1-0.5", help="Hole area range for box and stroke masks."),
+    resize_masks: bool = typer.Option(
+        False, help="Resize a mask folder's masks to their image's size (as inpaint run)."
+    ),
     baselines: bool = typer.Option(False, help="Also score classical fills."),
     caption_ablation: bool = typer.Option(
         False, help="Hole NLL with true/empty/shuffled captions."
@@ -345,6 +348,7 @@ def evaluate(
         samples=samples,
         temperature=temperature,
         hole_area=area,
+        resize_masks=resize_masks,
         baselines=baselines,
         caption_ablation=caption_ablation,
         out=out,

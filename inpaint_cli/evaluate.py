@@ -74,6 +74,7 @@ class EvalOptions:
     # of the K samples, as `inpaint run --samples K` draws them; NLL does not depend on it
     temperature: float = SAMPLES_TEMPERATURE
     hole_area: tuple[float, float] = (0.1, 0.5)
+    resize_masks: bool = False  # a --masks folder's mask of another size than its image
     example_rows: int = 6
     bootstrap_resamples: int = 10_000
     progress: bool = True
@@ -197,6 +198,19 @@ def _fit_to_resolution(
     return fitted, None if mask is None else _fit_mask(mask, resolution)
 
 
+def _fit_hole(mask: np.ndarray, resolution: int, name: str) -> np.ndarray:
+    """_fit_mask, refusing a hole that the centre crop cuts away: the mask has a hole, but not
+    where eval looks (a mask without any hole is judged later, with every other image)."""
+    fitted = _fit_mask(mask, resolution)
+    if mask.any() and not fitted.any():
+        raise InpaintError(
+            f"{name}: the hole lies outside the centred square that eval scores (each image is "
+            f"resized to {resolution} px on its short side and centre-cropped), skipped",
+            exit_code=1,
+        )
+    return fitted
+
+
 def _fit_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
     """A mask of the original image's size through the image's resize and centre crop."""
     from PIL import Image
@@ -225,11 +239,17 @@ class _MaskFolder:
         self.finder = MaskFinder(root.absolute(), image_files=images)
 
     def load(
-        self, name: str, stem: str, width: int, height: int, fallback: tuple[str, str] = ("", "")
+        self,
+        name: str,
+        stem: str,
+        width: int,
+        height: int,
+        fallback: tuple[str, str] = ("", ""),
+        resize: bool = True,
     ) -> np.ndarray:
         """The union of the holes of the masks for `name` (an image's relative path or a shard
-        key, whose last part is `stem`), else for the `fallback` (name, stem), resized (nearest)
-        to width x height."""
+        key, whose last part is `stem`), else for the `fallback` (name, stem), of width x height:
+        resized (nearest) if `resize`, else refused when another size, as `inpaint run` does."""
         from inpaint_cli.images import load_mask
 
         paths = []
@@ -240,7 +260,7 @@ class _MaskFolder:
             raise InpaintError(f"{name}: no mask found in {self.root}", exit_code=1)
         hole = np.zeros((height, width), dtype=bool)
         for path in paths:
-            hole |= load_mask(path, (width, height), resize=True)
+            hole |= load_mask(path, (width, height), resize=resize)
         return hole
 
 
@@ -308,7 +328,11 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
                 mask = None
                 if mask_folder is not None:
                     stem = PurePosixPath(relative).stem
-                    mask = mask_folder.load(relative, stem, image.shape[1], image.shape[0])
+                    width, height = image.shape[1], image.shape[0]
+                    mask = mask_folder.load(
+                        relative, stem, width, height, resize=options.resize_masks
+                    )
+                    mask = _fit_hole(mask, resolution, source.name)
             except InpaintError as error:
                 warn(str(error))
                 skipped[0] += 1
@@ -366,7 +390,7 @@ def _shard_mask(
         width * height > limit
     ):
         width = height = resolution  # no believable size recorded: the mask spans the square
-    return _fit_mask(mask_folder.load(*first, width, height, fallback=by_key), resolution)
+    return _fit_hole(mask_folder.load(*first, width, height, fallback=by_key), resolution, key)
 
 
 def _may_be_shard(path: str) -> bool:

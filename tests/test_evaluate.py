@@ -737,3 +737,37 @@ def test_terminal_tables_keep_text_in_brackets(
     text = terminal.getvalue()
     assert "mean [paired bootstrap 95% interval]; higher PSNR" in text
     assert "n/a [n/a, n/a]" in text
+
+
+def test_mask_folder_sizes_and_holes_cut_away_are_named(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """eval stretched a mask of another size silently, and blamed a mask whose hole the centre
+    crop had cut away for having none."""
+    from PIL import Image
+
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    data.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("wide", "other_size"):
+        Image.fromarray(rng.integers(0, 256, (20, 60, 3), dtype=np.uint8)).save(
+            data / f"{name}.png"
+        )
+    hole = np.zeros((20, 60), dtype=np.uint8)
+    hole[5:15, 0:10] = 255  # at the left edge: outside the centred square
+    Image.fromarray(hole).save(masks / "wide.png")
+    middle = np.zeros((10, 30), dtype=np.uint8)
+    middle[3:7, 12:18] = 255  # half the image's size, hole in the middle
+    Image.fromarray(middle).save(masks / "other_size.png")
+
+    with pytest.raises(InpaintError, match="no images with a hole to score"):
+        evaluate(_options(str(data), tiny_model, tmp_path / "r", masks=str(masks)))
+    err = capsys.readouterr().err
+    assert "wide.png: the hole lies outside the centred square that eval scores" in err
+    assert "no hole" not in err
+    assert "mask is 30x10 but the image is 60x20 (use --resize-masks" in err
+    resized = evaluate(
+        _options(str(data), tiny_model, tmp_path / "r2", masks=str(masks), resize_masks=True)
+    )
+    assert resized["per_image"]["keys"] == ["other_size.png"] and resized["skipped"] == 1
