@@ -75,6 +75,27 @@ def _to_srgb(img: Image.Image) -> Image.Image:
     return converted
 
 
+@contextlib.contextmanager
+def _pillow_errors(name: str) -> Iterator[None]:
+    """Pillow's many errors for a bad file as one InpaintError naming it. Its UserWarnings
+    about odd metadata would be extra lines per file; the bomb warning becomes an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except InpaintError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise _fail(name, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise _fail(name, f"refused as a decompression bomb ({error})") from None
+    except MemoryError:
+        raise _fail(name, "image too large to decode") from None
+    except Exception as error:  # Pillow raises many types for corrupt files
+        raise _fail(name, f"corrupt or truncated image ({error})") from None
+
+
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode image bytes fully: EXIF orientation applied, ICC profile converted to sRGB.
 
@@ -88,26 +109,11 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     """
     if not data:
         raise _fail(name, "empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow's UserWarnings about odd metadata would be extra lines per file; the
-            # bomb warning (a RuntimeWarning) becomes an error.
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
-            _refuse_bombs(img, name)
-            reduced = _reads_16_bits_as_8(img)
-            img.load()
-    except InpaintError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise _fail(name, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF)") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise _fail(name, f"refused as a decompression bomb ({error})") from None
-    except MemoryError:
-        raise _fail(name, "image too large to decode") from None
-    except Exception as error:  # Pillow raises many types for corrupt files
-        raise _fail(name, f"corrupt or truncated image ({error})") from None
+    with _pillow_errors(name):
+        img = Image.open(io.BytesIO(data), formats=SAFE_FORMATS)
+        _refuse_bombs(img, name)
+        reduced = _reads_16_bits_as_8(img)
+        img.load()
     width, height = img.size
     if width < 1 or height < 1:
         raise _fail(name, f"image has no pixels ({width}x{height})")
@@ -190,6 +196,42 @@ def image_to_rgb_uint8(
     return np.rint(flat).astype(np.uint8)
 
 
+def mask_size_problem(mask_size: tuple[int, int], image_size: tuple[int, int]) -> str:
+    """Why a mask of `mask_size` (width, height) does not fit an image, and what to do."""
+    turned = tuple(mask_size) == tuple(image_size)[::-1]  # a photo stored sideways, upright by EXIF
+    advice = (
+        "it looks drawn on the image turned by 90 degrees: images are read upright, as their "
+        "EXIF orientation says, so draw it on the upright image"
+        if turned
+        else "use --resize-masks to resize it"
+    )
+    return (
+        f"mask is {mask_size[0]}x{mask_size[1]} but the image is {image_size[0]}x{image_size[1]} "
+        f"({advice})"
+    )
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as it is read (after its EXIF orientation), from its header
+    alone: cheap enough for a dry run over a large folder. Raises InpaintError as load_image
+    would for a file that is empty, not a supported image or a decompression bomb."""
+    name = str(path)
+    try:
+        handle = open(path, "rb")  # closed below; Pillow reads the header from it
+    except OSError as error:
+        raise _fail(name, f"cannot read ({error.strerror or error})") from None
+    with handle:
+        if not handle.read(1):
+            raise _fail(name, "empty file (0 bytes)")
+        handle.seek(0)
+        with _pillow_errors(name):
+            img = Image.open(handle, formats=SAFE_FORMATS)
+            _refuse_bombs(img, name)
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
     """Bool HxW hole mask (True = hole): greyscale >= 128. `size` is the image's (width, height).
 
@@ -214,18 +256,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
                 hole = ~opaque
     if size is not None and hole.shape[::-1] != tuple(size):
         if not resize:
-            turned = hole.shape == tuple(size)  # a photo stored sideways, upright by its EXIF tag
-            advice = (
-                "it looks drawn on the image turned by 90 degrees: images are read upright, as "
-                "their EXIF orientation says, so draw it on the upright image"
-                if turned
-                else "use --resize-masks to resize it"
-            )
-            raise _fail(
-                str(path),
-                f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]} "
-                f"({advice})",
-            )
+            raise _fail(str(path), mask_size_problem(hole.shape[::-1], size))
         scaled = Image.fromarray(hole).resize(tuple(size), Image.Resampling.NEAREST)
         hole = np.asarray(scaled, dtype=bool)
     return hole

@@ -598,14 +598,17 @@ def _dry_run(
 ) -> dict:
     plan = []
     for item, finished in zip(items, done, strict=True):
-        action = "skip" if finished else ("fail" if item.problem else "fill")
+        problem = item.problem
+        if not finished and problem is None:
+            problem = run_plan.header_problem(item, options)
+        action = "skip" if finished else ("fail" if problem else "fill")
         plan.append(
             {
                 "file": item.rel,
                 "action": action,
                 "outputs": [str(out / n) for n in item.output_names(options)],
                 "masks": [str(m) for m in item.masks],
-                "problem": item.problem,
+                "problem": problem,
             }
         )
     summary = {

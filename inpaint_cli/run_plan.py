@@ -457,6 +457,26 @@ def output_state(item: Item, options: RunOptions, out: Path) -> str:
     return "changed"
 
 
+def header_problem(item: Item, options: RunOptions) -> str | None:
+    """What would fail this image that file headers already show (unreadable or unsupported
+    files, a mask of another size), without decoding pixels: for --dry-run. A file whose
+    pixels are corrupt past its header still only fails when filled."""
+    from inpaint_cli.images import mask_size_problem, upright_size
+
+    try:
+        size = upright_size(item.source)
+    except InpaintError as error:
+        return str(error)
+    for mask in item.masks:
+        try:
+            mask_size = upright_size(mask)
+        except InpaintError as error:
+            return f"{item.source}: mask {error}"
+        if mask_size != size and not options.resize_masks:
+            return f"{item.source}: mask {mask}: {mask_size_problem(mask_size, size)}"
+    return None
+
+
 def check_foreign_files(items: list[Item], options: RunOptions, out: Path) -> None:
     """Refuse an OUT without a manifest in which planned outputs already exist.
 

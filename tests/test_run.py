@@ -225,11 +225,16 @@ def test_one_fill_defaults_to_temperature_0_and_several_to_0_8(mixed, tiny_model
 def test_dry_run_writes_nothing(mixed: dict, tiny_model: Path, tmp_path: Path):
     out = tmp_path / "out"
     result = invoke(*base_args(mixed, tiny_model, out), "--dry-run", "--json")
-    assert result.exit_code == 1  # two files would fail
+    assert result.exit_code == 1  # three files would fail
     summary = json.loads(result.stdout)
-    assert summary["would_fill"] == len(mixed["good"]) + 2  # wrong size/corrupt show later
-    assert [p["file"] for p in summary["plan"] if p["action"] == "fail"] == ["unmasked.png"]
+    assert summary["would_fill"] == len(mixed["good"])  # the rotated photo's mask fits it
+    failing = {p["file"]: p["problem"] for p in summary["plan"] if p["action"] == "fail"}
+    assert sorted(failing) == mixed["failing"]  # headers show the corrupt file, the wrong size
+    assert "corrupt or truncated image" in failing["corrupt.png"]
+    assert "mask is 10x10 but the image is 20x20" in failing["wrong_size.png"]
     assert not out.exists()
+    resized = invoke(*base_args(mixed, tiny_model, out), "--dry-run", "--json", "--resize-masks")
+    assert json.loads(resized.stdout)["would_fill"] == len(mixed["good"]) + 1
 
 
 def test_manifest_refuses_other_settings_unless_overwrite(mixed, tiny_model, tmp_path):
