@@ -154,7 +154,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _load_config(folder: Path, transformers: Any) -> tuple[Any, str]:
     """The config and its recorded `_name_or_path` (read from the file: loading overwrites it)."""
     if not folder.exists():
-        raise TextEncoderError(f"{folder}: no such folder")
+        raise TextEncoderError(
+            f"{folder}: no such folder (--text-encoder takes the folder of a text encoder)"
+        )
     if not folder.is_dir():
         raise TextEncoderError(f"{folder}: not a folder (give the folder of a text encoder)")
     if not (folder / "config.json").is_file():

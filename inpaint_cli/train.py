@@ -979,6 +979,13 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                 "(AVX512-BF16, AMX or Arm BF16) runs several times slower than fp32; use "
                 "--mixed-precision no here"
             )
+    if config.warmup_steps >= config.steps:
+        reached = learning_rate(config.steps - 1, config.lr, config.warmup_steps, config.steps)
+        accelerator.print(
+            f"warning: --warmup-steps {config.warmup_steps} is not below --steps {config.steps}: "
+            f"the learning rate only reaches {reached:.3g}, not --lr {config.lr:g}; lower "
+            "--warmup-steps for a short run"
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     device = accelerator.device

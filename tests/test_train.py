@@ -1498,3 +1498,11 @@ def test_cli_init_bundled_names_the_bundled_model(tmp_path, shards):
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert "model/default: the model has a caption path" in result.output
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, shards, capsys):
+    train(tiny(shards, tmp_path / "run", steps=4, warmup_steps=10, lr=1e-3))
+    out = capsys.readouterr().out
+    assert "warning: --warmup-steps 10 is not below --steps 4: the learning rate only reaches " \
+        "0.0004, not --lr 0.001" in out  # fmt: skip
+    assert log(tmp_path / "run")[-1]["lr"] == pytest.approx(4e-4)
