@@ -310,6 +310,7 @@ def decode_sample(raw: dict[str, Any], resolution: int, background) -> dict[str,
     except UnicodeDecodeError:
         raise InpaintError(f"{name}: caption is not UTF-8 text", exit_code=1) from None
     sample = {"key": raw["__key__"], "image": fit_to_resolution(image, resolution)}
+    sample["upscaled"] = min(image.shape[:2]) < resolution
     sample["caption"] = caption
     sample["info"] = _recorded_info(raw)
     if "emb.f32" in raw:
@@ -329,6 +330,8 @@ def _collate(samples: list[dict[str, Any]], masks: list[np.ndarray]) -> dict[str
         "caption": [sample["caption"] for sample in samples],
         "key": [sample["key"] for sample in samples],
         "info": [sample["info"] for sample in samples],
+        # keys of images smaller than the resolution, which fit_to_resolution enlarged
+        "upscaled": [sample["key"] for sample in samples if sample.get("upscaled")],
     }
     embeddings = [sample.get("embedding") for sample in samples]
     if all(e is not None for e in embeddings) and len({e.shape for e in embeddings}) == 1:

@@ -1148,6 +1148,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     samples_seen = 0
     # samples without any caption since the start; None once a caption was seen (or warned)
     uncaptioned = 0 if text_encoder is not None else None
+    warned_upscaled = False  # one warning per run for images enlarged to the resolution
 
     progress = Progress(
         TextColumn("[bold]train"),
@@ -1201,6 +1202,14 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                             f"the caption path learns only the empty caption{hint}"
                         )
                         uncaptioned = None
+                if batch.get("upscaled") and not warned_upscaled:
+                    warned_upscaled = True
+                    accelerator.print(
+                        f"warning: {len(batch['upscaled'])} of {len(keys)} images in a batch of "
+                        f"--data are smaller than the model's {resolution} px and are enlarged "
+                        f"to it (e.g. {batch['upscaled'][0]}); a model trained on enlarged "
+                        "images learns to fill with blur: pack larger images"
+                    )
                 if len(seen_keys) < KEYS_RECORDED_PER_RANK:
                     seen_keys.extend(keys[: KEYS_RECORDED_PER_RANK - len(seen_keys)])
                 image, mask = _to_device(batch, device)

@@ -1506,3 +1506,24 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, shards, capsys):
     assert "warning: --warmup-steps 10 is not below --steps 4: the learning rate only reaches " \
         "0.0004, not --lr 0.001" in out  # fmt: skip
     assert log(tmp_path / "run")[-1]["lr"] == pytest.approx(4e-4)
+
+
+def test_images_smaller_than_the_model_are_warned_about_once(tmp_path, shards, capsys):
+    """Training enlarges them to the resolution without a word: a fine-tune learned blur."""
+    small = tmp_path / "small"
+    small.mkdir()
+    with tarfile.open(small / "train-000000.tar", "w") as tar:
+        for index in range(16):
+            buffer = io.BytesIO()
+            size = 8 if index % 2 else 16  # half of them half the tiny model's 16 px
+            Image.new("RGB", (size, size), (index * 10, 0, 0)).save(buffer, "PNG")
+            info = tarfile.TarInfo(f"sample{index:05d}.png")
+            info.size = len(buffer.getvalue())
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    train(tiny(str(small / "train-000000.tar"), tmp_path / "run", steps=3))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "enlarged" in line]
+    assert len(warnings) == 1
+    assert "are smaller than the model's 16 px and are enlarged to it (e.g. sample" in warnings[0]
+    _reset_accelerate()
+    train(tiny(shards, tmp_path / "large", steps=2))  # 16 px images: nothing to say
+    assert "enlarged" not in capsys.readouterr().out
