@@ -1034,6 +1034,17 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     )
     if config.val_data:
         _check_val_data(config, resolution)
+    # -- model, EMA, text encoder: identical initial weights on every rank. Before the run
+    # folder is made, so an --init or text encoder that is refused leaves no empty folder
+    text_encoder = _load_text_encoder(config, device)
+    model_config = _model_config(config, text_encoder)
+    from model.hvae import HVAE
+
+    torch.manual_seed(config.seed)
+    model = HVAE(model_config)
+    if config.init and resume_from is None:  # a resume takes every weight from its checkpoint
+        _load_init_weights(config, model)
+
     accelerator.wait_for_everyone()  # every rank has read the folder before it changes
     if main:
         try:
@@ -1045,15 +1056,6 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         held.enter_context(output_lock(run_dir, "train"))
         ckpt.remove_unfinished(run_dir)
 
-    # -- model, EMA, text encoder: identical initial weights on every rank
-    text_encoder = _load_text_encoder(config, device)
-    model_config = _model_config(config, text_encoder)
-    from model.hvae import HVAE
-
-    torch.manual_seed(config.seed)
-    model = HVAE(model_config)
-    if config.init and resume_from is None:  # a resume takes every weight from its checkpoint
-        _load_init_weights(config, model)
     ema = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     layers = model.num_latent_layers
     kl_warmup = config.kl_warmup_steps

@@ -1470,7 +1470,7 @@ def test_init_refuses_folders_that_do_not_fit_the_run(tmp_path, shards, monkeypa
         _reset_accelerate()
         message = str(caught.value)
         assert "\n" not in message and caught.value.exit_code == 2
-        assert not (tmp_path / "run" / "checkpoints").exists()
+        assert not (tmp_path / "run").exists()  # refused before the run folder is made
         return message
 
     model = str(plain / "model")
