@@ -282,8 +282,12 @@ class TextEncoder:
         return int(hidden.shape[-1])
 
     def _forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The tokenizer reads a whole text before truncating it: a 20 MB caption took 3 GB and
+        # most of a minute. No kept token covers more than 64 characters (not even with spaces),
+        # so clipping there leaves the embedding as it was.
+        keep = self.max_length * 64
         tokens = self.tokenizer(
-            captions,
+            [caption[:keep] for caption in captions],
             padding=True,
             truncation=True,
             max_length=self.max_length,

@@ -42,8 +42,14 @@ IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff")
 # Larger members are skipped unread: a hostile (possibly compressed) shard cannot make us
 # allocate more than this for one file.
 MAX_MEMBER_BYTES = 64 << 20
+# The members a sample is read for; others (a foreign shard's extras) are skipped unread, so a
+# sample holds at most a few members' bytes.
+USED_MEMBERS = frozenset(IMAGE_MEMBERS) | {"txt", "json", "emb.f32"}
 SHUFFLE_BUFFER = 1000
 SHUFFLE_INITIAL = 100
+# The shuffle buffer holds raw (encoded) samples: at most this many bytes of them per worker,
+# else 1,000 large photos (or hostile shards of 64 MiB members) would take gigabytes.
+SHUFFLE_MAX_BYTES = 512 << 20
 # A worker that sees this many shards in a row without a sample, or this many windows in a row
 # without one decodable image, stops with an error instead of spinning forever.
 _MAX_EMPTY_IN_A_ROW = 50
@@ -123,18 +129,26 @@ def _split_member(name: str) -> tuple[str | None, str]:
 
 _BLOCK = 512
 _REGULAR_FILE = (b"0", b"\0", b"7")
+# Links and special files: never followed or read, but the sample they belong to is marked.
+_LINK_OR_SPECIAL = {b"1": "a hard link", b"2": "a symlink", b"3": "a device", b"4": "a device",
+                    b"6": "a FIFO"}  # fmt: skip
 _DECOMPRESSORS = {".gz": "gzip", ".tgz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 
 
-def _read_exact(stream, size: int) -> bytes:
+def _read_exact(stream, size: int, header: bool = False) -> bytes:
     chunks, missing = [], size
     while missing:
         chunk = stream.read(missing)
         if not chunk:
-            raise tarfile.ReadError("unexpected end of data")
+            break
         chunks.append(chunk)
         missing -= len(chunk)
-    return b"".join(chunks)
+    data = b"".join(chunks)
+    if header and data[:2] == b"\x1f\x8b":  # gzip's magic number where a tar header belongs
+        raise tarfile.ReadError("gzip-compressed: name the shard .tar.gz")
+    if missing:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
 
 
 def _skip(stream, size: int) -> None:
@@ -175,8 +189,10 @@ def _open_shard(url: str):
     return opener.open(stream, "rb"), stream
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
-    """(name, bytes) of each regular file in a tar; bytes None when over MAX_MEMBER_BYTES.
+def _tar_members(url: str) -> Iterator[tuple[str, bytes | str | None]]:
+    """(name, bytes) of each regular file in a tar. Instead of bytes: None for a member over
+    MAX_MEMBER_BYTES or one whose suffix no sample uses (both skipped unread), and a string
+    naming the kind of a link or special file (never followed).
 
     A small reader of our own: tarfile parses every header field in Python and made resuming
     (which reads every skipped sample) several times slower. It checks each header's checksum
@@ -186,7 +202,7 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
     long_name, pax = None, {}
     try:
         while True:
-            header = _read_exact(stream, _BLOCK)
+            header = _read_exact(stream, _BLOCK, header=True)
             if not header.strip(b"\0"):
                 _read_exact(stream, _BLOCK)  # the second zero block: missing in a cut shard
                 return
@@ -211,9 +227,14 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes | None]]:
                 size = int(pax["size"])
                 padded = -(-size // _BLOCK) * _BLOCK
             long_name, pax = None, {}
-            if kind not in _REGULAR_FILE or size > MAX_MEMBER_BYTES:
+            if kind in _LINK_OR_SPECIAL:
                 _skip(stream, padded)
-                if kind in _REGULAR_FILE:
+                yield name, _LINK_OR_SPECIAL[kind]
+                continue
+            unused = _split_member(name)[1] not in USED_MEMBERS
+            if kind not in _REGULAR_FILE or size > MAX_MEMBER_BYTES or unused:
+                _skip(stream, padded)
+                if kind in _REGULAR_FILE and not unused:
                     yield name, None
                 continue
             yield name, _read_exact(stream, padded)[:size]
@@ -246,6 +267,8 @@ def read_shard(url: str, stats: dict[str, int], warned: set[str]) -> Iterator[di
                     current["__bad__"] = "member name leaves the shard (absolute or '..')"
             if data is None:
                 current["__bad__"] = f"member {suffix} is over {MAX_MEMBER_BYTES} bytes"
+            elif isinstance(data, str):
+                current["__bad__"] = f"member {suffix} is {data}, not a file (never followed)"
             elif suffix in current:
                 current["__bad__"] = f"duplicate member {suffix}"
             else:
@@ -254,10 +277,53 @@ def read_shard(url: str, stats: dict[str, int], warned: set[str]) -> Iterator[di
         stats["bad_shards"] += 1
         if url not in warned:
             warned.add(url)
-            _warn(f"{url}: truncated or unreadable shard ({error}); its last sample is dropped")
+            _warn(
+                f"{url}: truncated or unreadable shard ({error}); the samples after the "
+                "damage are lost"
+            )
         return
     if current is not None:
         yield current
+
+
+def _raw_bytes(sample: dict[str, Any]) -> int:
+    return sum(len(value) for value in sample.values() if isinstance(value, bytes))
+
+
+def shuffle_bounded(
+    samples: Iterator[dict[str, Any]],
+    rng: random.Random,
+    size: int = SHUFFLE_BUFFER,
+    initial: int = SHUFFLE_INITIAL,
+    max_bytes: int = SHUFFLE_MAX_BYTES,
+) -> Iterator[dict[str, Any]]:
+    """webdataset's shuffle (the same picks from the same rng, so runs replay as before) with
+    the buffer also bounded in bytes: a buffer over `max_bytes` only gives samples out."""
+    samples = iter(samples)
+    buffer: list[dict[str, Any]] = []
+    held = 0
+
+    def pick() -> dict[str, Any]:
+        nonlocal held
+        k = rng.randint(0, len(buffer) - 1)
+        sample = buffer[k]
+        buffer[k] = buffer[-1]
+        buffer.pop()
+        held -= _raw_bytes(sample)
+        return sample
+
+    for sample in samples:
+        buffer.append(sample)
+        held += _raw_bytes(sample)
+        if len(buffer) < size and held < max_bytes:
+            following = next(samples, None)
+            if following is not None:
+                buffer.append(following)
+                held += _raw_bytes(following)
+        if len(buffer) >= min(initial, size) or held >= max_bytes:
+            yield pick()
+    while buffer:
+        yield pick()
 
 
 def _read_shards(
@@ -391,10 +457,9 @@ class _TrainStream(torch.utils.data.IterableDataset):
                 deterministic=True,
             ),
             lambda sources: _read_shards(sources, stats, warned),
-            wds.shuffle(
-                SHUFFLE_BUFFER,
-                SHUFFLE_INITIAL,
-                rng=random.Random(stable_seed(self.seed, self.rank, logical, "shuffle")),
+            lambda samples: shuffle_bounded(
+                samples,
+                random.Random(stable_seed(self.seed, self.rank, logical, "shuffle")),
             ),
         )
         window: list[dict[str, Any]] = []

@@ -341,6 +341,10 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
                 warn(f"{source.name}: cannot read ({error.strerror or error})")
                 skipped[0] += 1
                 continue
+            except MemoryError:
+                warn(f"{source.name}: too large to read into memory")
+                skipped[0] += 1
+                continue
             image, mask = _fit_to_resolution(image, mask, resolution)
             if mask is None:
                 rng = np.random.default_rng(stable_seed(options.seed, relative))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -155,11 +156,17 @@ def relative_name(file_name: Any) -> str | None:
 def _metadata_rows(path: Path, warn: Warn) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) of each row: where is "<file> line <n>", as warnings name it."""
     try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
+    try:
         # utf-8-sig: a file saved with a byte-order mark (Excel, Notepad) would otherwise name
         # its first column "\ufefffile_name" and lose every caption.
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        if path.suffix == ".csv":  # a row may span lines: no line can be left out alone
+            raise InpaintError(f"{path}: cannot read metadata ({error})", exit_code=1) from None
+        text = None
     # Lines end at \n only (as JSON Lines and the csv module say): str.splitlines would also
     # split captions at U+2028, U+0085 and other characters JSON leaves unescaped.
     if path.suffix == ".csv":
@@ -167,7 +174,14 @@ def _metadata_rows(path: Path, warn: Warn) -> Iterator[tuple[str, dict[str, Any]
         for row in reader:
             yield f"{path} line {reader.line_num}", row
         return
-    for number, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n") if text is not None else raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):  # the file is not all UTF-8: each line on its own
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                warn(f"{path} line {number}", "not UTF-8 text")
+                continue
         if not line.strip():
             continue
         try:
@@ -194,13 +208,16 @@ def _folder_metadata(
             for where, row in _metadata_rows(meta_path, warn):
                 relative = relative_name(row.get("file_name"))
                 image = meta_path.parent / relative if relative else None
+                shown = repr(row.get("file_name"))
                 if image is None or image not in images:
-                    shown = repr(row.get("file_name"))
-                    warn(f"{meta_path}", f"file_name {shown} is not an image in {root}")
+                    warn(where, f"file_name {shown} is not an image in {root}")
                     continue
-                if text_column in row and image not in rows:
+                if image in rows:
+                    warn(where, f"file_name {shown} is listed again; its first row is kept")
+                    continue
+                if text_column in row:
                     row[text_column] = _checked_caption(row, text_column, where, warn)
-                rows.setdefault(image, row)
+                rows[image] = row
     return rows
 
 
@@ -259,7 +276,7 @@ def folder_items(
                 key=safe_key(path.stem, relative),
                 name=str(path),
                 group=str(row[split_by]) if split_by else path.stem,
-                read_image=path.read_bytes,
+                read_image=functools.partial(read_source_file, path),
                 caption=caption,
                 info={
                     "source": relative,
@@ -271,6 +288,23 @@ def folder_items(
 
 
 # ---------------------------------------------------------------- datasets and parquet
+
+
+# A source file is refused above this size before it is read (a sparse or hostile 6 GB file
+# would be loaded whole): above any photo's encoded size at the decompression bomb limit.
+MAX_SOURCE_BYTES = 512 << 20
+
+
+def read_source_file(path: Path) -> bytes:
+    """A source image's bytes, after checking its size."""
+    size = path.stat().st_size
+    if size > MAX_SOURCE_BYTES:
+        raise InpaintError(
+            f"{path}: {size / 2**20:,.0f} MiB, above the {MAX_SOURCE_BYTES >> 20} MiB an image "
+            "file may have",
+            exit_code=1,
+        )
+    return path.read_bytes()
 
 
 def _image_bytes(value: Any) -> bytes:
@@ -716,6 +750,10 @@ def _pack(
                     sample["txt"] = item.caption.encode("utf-8")
             except (InpaintError, ValueError, OSError) as error:
                 warn(item.name, str(error))
+                writers[split].skip(position)
+                continue
+            except MemoryError:
+                warn(item.name, "too large to read into memory")
                 writers[split].skip(position)
                 continue
             samples.append((position, split, sample, {**item.info, **info}))

@@ -300,3 +300,21 @@ def test_import_does_not_pull_in_model_cli_or_transformers() -> None:
         [sys.executable, "-c", code], cwd=package_parent, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_a_huge_caption_is_clipped_before_tokenizing(encoder: TextEncoder, monkeypatch) -> None:
+    """A 20 MB caption was tokenized whole (3 GB, most of a minute) before truncation."""
+    seen = []
+    tokenize = encoder.tokenizer
+
+    def recording(captions, **options):
+        seen.extend(len(caption) for caption in captions)
+        return tokenize(captions, **options)
+
+    monkeypatch.setattr(encoder, "tokenizer", recording)
+    encoder.clear_cache()
+    long = "a red apple on a table " * 200_000  # 4.6 MB
+    huge, short = encoder.encode([long, long[: encoder.max_length * 64]])
+    assert max(seen) == encoder.max_length * 64
+    assert torch.allclose(huge, short)  # what truncation would have kept is unchanged
+    assert torch.allclose(huge, encoder.encode([long[:5000]])[0], atol=1e-6)

@@ -408,3 +408,64 @@ def test_random_shard_bytes_never_crash(tmp_path, write_tar, png_sample, noise, 
     samples = list(data.read_shard(str(path), stats, set()))
     assert all(isinstance(sample["__key__"], str) for sample in samples)
     assert stats["bad_shards"] in (0, 1)
+
+
+def test_the_shuffle_is_webdatasets_and_bounded_in_bytes() -> None:
+    import random
+
+    import webdataset as wds
+
+    samples = [{"__key__": f"k{i}", "png": bytes(10)} for i in range(3000)]
+    ours = [s["__key__"] for s in data.shuffle_bounded(iter(samples), random.Random(5))]
+    theirs = [
+        s["__key__"] for s in wds.filters._shuffle(iter(samples), 1000, 100, random.Random(5))
+    ]
+    assert ours == theirs  # runs started before the byte bound replay their batches
+
+    held, most = [], 0
+    big = ({"__key__": f"b{i}", "png": bytes(1000)} for i in range(500))
+
+    def counting():
+        for sample in big:
+            held.append(sample)
+            yield sample
+
+    for index, _sample in enumerate(
+        data.shuffle_bounded(counting(), random.Random(0), max_bytes=10_000)
+    ):
+        most = max(most, (len(held) - index - 1) * 1000)
+    assert most <= 11_000  # the bound, plus the sample that crossed it
+    assert len(held) == 500
+
+
+def test_links_unused_members_and_gzip_under_a_tar_name(tmp_path, write_tar, png_sample, capfd):
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, payload in [("s0000.png", png_sample(0)), ("s0000.extra", b"x" * 5000),
+                              ("s0001.png", png_sample(1))]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for name, kind in [("s0002.png", tarfile.SYMTYPE), ("s0003.png", tarfile.LNKTYPE),
+                           ("s0004.png", tarfile.FIFOTYPE)]:  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tar.addfile(info)
+    members = list(data._tar_members(str(path)))
+    assert [name for name, _ in members] == ["s0000.png", "s0001.png", "s0002.png",
+                                             "s0003.png", "s0004.png"]  # fmt: skip
+    loader = eval_loader(str(path), 8, 4)
+    assert [key for batch in loader for key in batch["key"]] == ["s0000", "s0001"]
+    assert loader.stats["skipped_samples"] == 3
+    err = capfd.readouterr().err
+    assert "member png is a symlink, not a file (never followed)" in err
+    assert "a hard link" in err and "a FIFO" in err
+
+    gz = tmp_path / "packed.tar"
+    with tarfile.open(gz, "w:gz") as tar:
+        info = tarfile.TarInfo("s0000.png")
+        info.size = len(png_sample(0))
+        tar.addfile(info, io.BytesIO(png_sample(0)))
+    loader = eval_loader(str(gz), 8, 4)
+    assert list(loader) == [] and loader.stats["bad_shards"] == 1
+    assert "gzip-compressed: name the shard .tar.gz" in capfd.readouterr().err

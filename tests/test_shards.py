@@ -867,3 +867,53 @@ def test_captions_that_are_not_text_are_skipped_with_a_warning(
         f"warning: {metadata} line {line}: text is {kind}, not a caption; ignored"
         for line, kind in ((3, "a boolean"), (4, "an object"), (5, "a list"))
     ]
+
+
+def test_a_source_file_too_large_is_skipped_before_it_is_read(
+    tmp_path, make_image_folder, capsys, monkeypatch
+) -> None:
+    """A 6 GB (sparse) file was read whole: a MemoryError traceback stopped the pack."""
+    import inpaint_cli.shards as shards_module
+
+    make_image_folder(tmp_path / "src", 2, captions="none")
+    with open(tmp_path / "src" / "huge.png", "wb") as handle:
+        handle.truncate(3000)  # sparse: large on paper, nothing to read
+    monkeypatch.setattr(shards_module, "MAX_SOURCE_BYTES", 2000)
+    monkeypatch.setattr(Path, "read_bytes", _refuse_huge(Path.read_bytes))
+    summary = write_shards(tmp_path / "src", tmp_path / "out")
+    assert summary["skipped"] == 1 and summary["splits"]["train"]["count"] == 2
+    err = capsys.readouterr().err
+    assert "huge.png: 0 MiB, above the 0 MiB an image file may have" in err
+
+
+def _refuse_huge(read_bytes):
+    def guarded(path: Path) -> bytes:
+        assert path.name != "huge.png", "the oversized file was read"
+        return read_bytes(path)
+
+    return guarded
+
+
+def test_repeated_and_non_utf8_metadata_lines_are_warned_about(
+    tmp_path, make_image_folder, capsys
+) -> None:
+    """A repeated file_name was dropped silently; one non-UTF-8 byte stopped the whole pack."""
+    src = tmp_path / "src"
+    make_image_folder(src, 2, captions="none")
+    rows = [
+        json.dumps({"file_name": "img_0.png", "text": "one"}).encode(),
+        json.dumps({"file_name": "img_0.png", "text": "two"}).encode(),
+        b'{"file_name": "img_1.png", "text": "caf\xe9"}',  # Latin-1, not UTF-8
+    ]
+    (src / "metadata.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    summary = write_shards(src, tmp_path / "out")
+    assert summary["skipped"] == 0 and summary["metadata_skipped"] == 2
+    err = capsys.readouterr().err
+    assert f"{src / 'metadata.jsonl'} line 2: file_name 'img_0.png' is listed again" in err
+    assert f"{src / 'metadata.jsonl'} line 3: not UTF-8 text" in err
+    captions = {}
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".txt"):
+                captions[member.name] = tar.extractfile(member).read().decode()
+    assert list(captions.values()) == ["one"]  # the first row; img_1 has no caption
