@@ -747,21 +747,21 @@ def validate(
 ) -> dict[str, Any] | None:
     """EMA model on the first `val_samples` validation images, masks fixed per sample key.
 
-    The model's posterior noise comes from a fixed seed in a forked RNG, so validation is
-    comparable across steps and does not shift the training random stream. `fill_psnr_db` is
+    Every process reads the same images in the same batches and scores every world-th batch,
+    each with posterior noise seeded by the batch's number: the figure does not depend on the
+    number of processes (a run resumed on more or fewer keeps comparing like with like), and
+    it uses a forked RNG, so it does not shift the training random stream. `fill_psnr_db` is
     the mean hole PSNR of the T=0 fill, the one `inpaint run` writes (before rounding to 8 bits).
     """
     from inpaint_cli.data import eval_loader, expand_urls
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = math.ceil(config.val_samples / world)
+    batch_size = min(config.batch_size, config.val_samples)
     loader = eval_loader(
         expand_urls(config.val_data),
         resolution,
-        min(config.batch_size, per_rank),
+        batch_size,
         seed=config.seed,
-        rank=rank,
-        world_size=world,
         num_workers=min(config.num_workers, 1),
         mask_kind=val_kind,
         hole_area=hole_area,
@@ -772,12 +772,15 @@ def validate(
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     ema.eval()
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
         count = 0
-        for batch in loader:
-            take = min(per_rank - count, len(batch["key"]))
+        for number, batch in enumerate(loader):
+            take = min(config.val_samples - count, len(batch["key"]))
             if take <= 0:
                 break
+            count += take
+            if number % world != rank:
+                continue
+            torch.manual_seed(_rank_seed(config.seed, number, 5))
             batch = {key: value[:take] for key, value in batch.items()}
             image, mask = _to_device(batch, accelerator.device)
             # dropout 0: every real caption is used, empty ones take the learned empty caption
@@ -793,7 +796,6 @@ def validate(
             sums[2] += out["recon_bits_per_dim"].double() * take
             sums[3] += psnr.sum()
             sums[4:] += out["kl_bits_per_dim"].double() * take
-            count += take
     sums = accelerator.reduce(sums, reduction="sum")
     total = int(sums[0].item())
     if total == 0:
@@ -871,6 +873,7 @@ def _check_resumable(folder: Path, state: dict[str, Any]) -> None:
         "skipped_spike": (int,),
         "data_skipped_samples": (int,),
         "data_bad_shards": (int,),
+        "images_seen": (int,),
         "train_seconds": (int, float),
         "best_val_nll": (float, type(None)),
         "best_step": (int, type(None)),
@@ -1090,6 +1093,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         "best_val_nll": None,
         "best_step": None,
         "train_seconds": 0.0,
+        "images_seen": 0,  # over all processes and sessions (the process count may change)
         "data_skipped_samples": 0,
         "data_bad_shards": 0,
     }
@@ -1101,6 +1105,8 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             accelerator.scaler.load_state_dict(saved["scaler"])
         for key in state:
             state[key] = saved.get(key, state[key])
+        if "images_seen" not in saved:  # a checkpoint from before the count was kept
+            state["images_seen"] = start_step * config.batch_size * config.grad_accum * world
         accelerator.print(f"resuming from {folder} (step {start_step})")
 
     # -- run.json, logs, trackers
@@ -1278,6 +1284,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
+            state["images_seen"] += images_per_step
             step_seconds = time.perf_counter() - step_start
             state["train_seconds"] += step_seconds
             session_seconds += step_seconds
@@ -1315,7 +1322,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                     "images_per_second": speed,
                     "data_skipped_samples": data_skipped["skipped_samples"],
                     "data_bad_shards": data_skipped["bad_shards"],
-                    "images_seen": state["step"] * images_per_step,
+                    "images_seen": state["images_seen"],
                 }
                 last_reduced = record
                 if main:
@@ -1423,6 +1430,11 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     }
     (run_dir / "ranks").mkdir(exist_ok=True)
     _write_json(run_dir / "ranks" / f"rank-{rank}.json", rank_record)
+    if main:  # a session on fewer processes leaves no record of an earlier one's extra ranks
+        for stale in (run_dir / "ranks").glob("rank-*.json"):
+            number = stale.stem.removeprefix("rank-")
+            if number.isdigit() and int(number) >= world:
+                stale.unlink(missing_ok=True)
     if has_tensorboard:
         accelerator.end_training()
     if start_step == config.steps and main:
