@@ -35,6 +35,32 @@ def _call(job: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except RuntimeError as error:
+        lost = lost_peer_message(error)
+        if lost is None:
+            raise
+        typer.echo(f"error: {lost}", err=True)
+        raise typer.Exit(1) from None
+
+
+# How gloo and NCCL report that another process of the job is gone.
+_PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                  "NCCL", "ProcessGroup", "Socket Timeout")  # fmt: skip
+
+
+def lost_peer_message(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process of a launched job died
+    (killed, out of memory), instead of the long traceback; None for anything else."""
+    text = str(error)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    if not any(marker in text for marker in _PEER_FAILURES):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (
+        f"another process of this job stopped ({first[:200]}); what was finished is on disk "
+        "(checkpoints, outputs): run the command again, inpaint train with --resume"
+    )
 
 
 def _caption_strength_option(help_text: str) -> Any:

@@ -1580,3 +1580,29 @@ def test_validation_does_not_depend_on_the_number_of_processes(tmp_path, shards)
     one, two, three = sums(1), sums(2), sums(3)
     assert one[0] == two[0] == three[0] == 21  # exactly --val-samples, whatever the world
     assert torch.allclose(one, two) and torch.allclose(one, three)
+
+
+def test_a_lost_peer_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import typer
+
+    from inpaint_cli.app import _call
+
+    def collective_fails():
+        raise RuntimeError(
+            "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[127.0.0.1]:29500\nException raised from recvBytes at ..."
+        )
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(typer.Exit) as stopped:
+        _call(collective_fails)
+    assert stopped.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "another process of this job stopped" in err
+    assert "inpaint train with --resume" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # alone, such an error is a bug: its traceback shows
+    with pytest.raises(RuntimeError):
+        _call(collective_fails)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        _call(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
