@@ -167,7 +167,7 @@ def train(
     steps: int = typer.Option(10000, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(32, min=1, help="Batch size per process."),
     grad_accum: int = typer.Option(1, min=1, help="Gradient accumulation steps."),
-    lr: float = typer.Option(2e-4, min=0.0, help="Peak learning rate."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (above 0)."),
     warmup_steps: int = typer.Option(500, min=0, help="Linear warm-up, then cosine decay."),
     seed: int = typer.Option(0, help="Seed for weights, data order and masks."),
     mask_kinds: str = typer.Option("center,box,stroke", help="Hole kinds drawn for training."),

@@ -1099,6 +1099,12 @@ def print_summary(result: dict[str, Any], console: Any = None) -> None:
 
 
 def _check_options(options: EvalOptions) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # every process would score every image and write the same report files
+        raise InpaintError(
+            "inpaint eval runs as one process: run it without accelerate launch or torchrun",
+            exit_code=2,
+        )
     if options.samples < 1:
         raise InpaintError(f"--samples {options.samples}: must be at least 1", exit_code=2)
     if options.batch_size < 1:

@@ -771,3 +771,13 @@ def test_mask_folder_sizes_and_holes_cut_away_are_named(
         _options(str(data), tiny_model, tmp_path / "r2", masks=str(masks), resize_masks=True)
     )
     assert resized["per_image"]["keys"] == ["other_size.png"] and resized["skipped"] == 1
+
+
+def test_eval_under_a_launcher_is_refused(
+    tiny_model: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each process scored every image and wrote the same report files, unlocked."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InpaintError, match="runs as one process") as error:
+        evaluate(_options(image_folder, tiny_model, tmp_path / "r"))
+    assert error.value.exit_code == 2 and not (tmp_path / "r").exists()
