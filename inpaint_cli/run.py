@@ -46,6 +46,10 @@ from inpaint_cli.images import (
 )
 from inpaint_cli.run_plan import FAILURES_NAME, MANIFEST_NAME, Item
 
+# Under --strict with several processes: made by the one that meets a failure, so that the
+# others stop at their next image (all share OUT); removed when the run ends.
+STRICT_STOP_NAME = ".inpaint-strict-stop"
+
 # Errors of the output folder itself: every later write would fail too, so the run stops.
 FATAL_WRITE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO}
@@ -296,6 +300,7 @@ class _Runner:
         self.model, self.encoder, self.device = model, encoder, device
         self.log, self.advance = log, advance
         self.counts = _Counts()
+        self.stop_marker: Path | None = None
         self.queue: deque[tuple[_Job, int]] = deque()
         self.writes: deque[tuple[_Job, Future]] = deque()
         workers = options.num_workers
@@ -426,6 +431,8 @@ class _Runner:
         self.advance()
         if self.options.strict:
             self.counts.stopped = True
+            if self.stop_marker is not None:  # the other processes stop at their next image
+                self.stop_marker.touch()
 
 
 def _choose_device(options: RunOptions, state: Any) -> Any:
@@ -473,7 +480,10 @@ def _process(
     device: Any,
     log: _Log,
     show_progress: bool,
+    stop_marker: Path | None = None,
 ) -> _Counts:
+    """Fill `share`. Under --strict with several processes, `stop_marker` is the file whose
+    existence tells every process that one of them met a failure."""
     from torch.utils.data import DataLoader
 
     from inpaint_cli.data import init_loader_worker
@@ -501,9 +511,13 @@ def _process(
     runner = _Runner(
         options, share, out, model, encoder, device, log, lambda: progress.advance(task)
     )
+    runner.stop_marker = stop_marker
     try:
         with progress:
             for prepared in loader:
+                if stop_marker is not None and stop_marker.exists():
+                    runner.counts.stopped = True
+                    break
                 runner.feed(prepared)
                 if runner.counts.stopped:
                     break
@@ -699,6 +713,7 @@ def run_folder(options: RunOptions) -> dict:
             # one run per OUT: a second would fill the same images and rewrite the manifest
             held.enter_context(output_lock(out, "run"))
             run_plan.remove_stale_temps(out)
+            (out / STRICT_STOP_NAME).unlink(missing_ok=True)  # a killed --strict run's
             if options.overwrite:  # before the manifest that records the earlier runs is replaced
                 stale = run_plan.stale_outputs(items, options, out)
                 for path in stale:
@@ -720,9 +735,12 @@ def run_folder(options: RunOptions) -> dict:
         state.wait_for_everyone()
 
         pending = [item for item, finished in zip(items, done, strict=True) if not finished]
+        stop_marker = out / STRICT_STOP_NAME if options.strict and world > 1 else None
         share = pending[rank::world]  # sorted list, disjoint shares
         show_progress = is_main and log.console.is_terminal
-        counts = _process(options, share, out, model, encoder, device, log, show_progress)
+        counts = _process(
+            options, share, out, model, encoder, device, log, show_progress, stop_marker
+        )
         if world == 1:
             _write_failures(out, FAILURES_NAME, counts.failures)
             totals = [counts]
@@ -731,6 +749,7 @@ def run_folder(options: RunOptions) -> dict:
             totals = gather_object([counts])  # also a barrier: every rank has written its file
             if is_main:
                 _merge_failures(out, world)
+                (out / STRICT_STOP_NAME).unlink(missing_ok=True)
         summary = {
             "done": sum(c.done for c in totals),
             "skipped": sum(done),

@@ -933,3 +933,37 @@ def test_pictures_in_formats_it_does_not_read_get_one_warning(tmp_path, tiny_mod
         f"e.g. {images / 'IMG_1.heic'}; convert them to PNG, JPEG or WebP"
     ]
     assert (tmp_path / "out" / "cat.png").is_file()
+
+
+def test_strict_stops_every_process_at_the_marker(tmp_path, tiny_model):
+    """Under a launcher --strict stopped only the process that met the failure."""
+    import torch
+
+    from inpaint_cli.run import STRICT_STOP_NAME, _Log, _process
+    from model.hvae import HVAE
+
+    images, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        _photo(images / f"{name}.png")
+        _save_mask(masks / f"{name}.png", _box_mask(24, 20, HOLE))
+    (images / "bad.png").write_bytes(b"not a png")
+    _save_mask(masks / "bad.png", _box_mask(24, 20, HOLE))
+    out.mkdir()
+    options = RunOptions(images=images, masks=masks, out=out, num_workers=0, strict=True)
+    root, files = run_plan.discover(images, out, masks)
+    items = run_plan.plan(options, root, files, masks, out, None)
+    model = HVAE.from_pretrained(tiny_model).eval()
+    marker = out / STRICT_STOP_NAME
+
+    # this process meets the failure: it stops and tells the others
+    bad_first = [item for item in items if item.rel == "bad.png"] + items
+    counts = _process(options, bad_first, out, model, None, torch.device("cpu"), _Log(), False,
+                      marker)  # fmt: skip
+    assert counts.stopped and counts.failed == 1 and counts.done == 0 and marker.exists()
+    # another process sees the marker before its next image
+    good = [item for item in items if item.rel != "bad.png"]
+    counts = _process(options, good, out, model, None, torch.device("cpu"), _Log(), False, marker)
+    assert counts.stopped and counts.done == 0
+    marker.unlink()
+    counts = _process(options, good, out, model, None, torch.device("cpu"), _Log(), False, marker)
+    assert not counts.stopped and counts.done == 3
