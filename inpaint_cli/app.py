@@ -30,10 +30,13 @@ def _call(job: Callable[[], Any]) -> Any:
     try:
         return job()
     except InpaintError as error:
-        typer.echo(f"error: {error}", err=True)
+        # the same stop on every process of a launched job is said once, by the first
+        if not (getattr(error, "every_rank", False) and _is_another_rank()):
+            typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        if not _is_another_rank():  # a terminal's Ctrl-C reaches every process
+            typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     except RuntimeError as error:
         lost = lost_peer_message(error)
@@ -41,6 +44,11 @@ def _call(job: Callable[[], Any]) -> Any:
             raise
         typer.echo(f"error: {lost}", err=True)
         raise typer.Exit(1) from None
+
+
+def _is_another_rank() -> bool:
+    """A process of a launched job other than the first."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "0") != "0"
 
 
 # How gloo and NCCL report that another process of the job is gone.

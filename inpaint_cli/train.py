@@ -1481,9 +1481,11 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         torch.distributed.destroy_process_group()
     if interrupted and state["step"] < config.steps:
         name = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
-        raise InpaintError(
+        stopped = InpaintError(
             f"{run_dir}: stopped by {name} at step {state['step']}, which is checkpointed; "
             "run the same command with --resume to go on",
             exit_code=128 + (stop.received or signal.SIGTERM),
         )
+        stopped.every_rank = True  # every process stops at this step: one line says it
+        raise stopped
     return summary

@@ -1606,3 +1606,25 @@ def test_a_lost_peer_is_one_line_not_a_traceback(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="shape mismatch"):
         monkeypatch.setenv("WORLD_SIZE", "2")
         _call(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+
+
+def test_a_stop_every_process_meets_is_said_once(monkeypatch, capsys):
+    import typer
+
+    from inpaint_cli.app import _call
+
+    def stopped():
+        error = InpaintError("runs/x: stopped by SIGINT at step 4, which is checkpointed", 130)
+        error.every_rank = True
+        raise error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit) as stop:
+            _call(stopped)
+        assert stop.value.exit_code == 130
+        assert len(capsys.readouterr().err.splitlines()) == lines
+    with pytest.raises(typer.Exit):  # a rank's own problem is always said
+        _call(lambda: (_ for _ in ()).throw(InpaintError("x.png: corrupt", 1)))
+    assert "x.png: corrupt" in capsys.readouterr().err
