@@ -1120,7 +1120,9 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             "world_size": world,
             "device": str(device),
             "config": dataclasses.asdict(config)
-            | {key: _shards_from_anywhere(getattr(config, key)) for key in ("data", "val_data")},
+            | {key: _shards_from_anywhere(getattr(config, key)) for key in ("data", "val_data")}
+            # with --init the folder's config.json decides these (model_config has them)
+            | ({"preset": None, "condition_all_layers": None} if config.init else {}),
             "model_config": dataclasses.asdict(model_config),
             "kl_warmup_steps": kl_warmup,
             "resumes": [],

@@ -1414,6 +1414,8 @@ def test_init_starts_from_a_model_folder_and_fine_tunes_it(tmp_path, monkeypatch
     assert config["caption_strength"] == 1.0  # training sees whole captions
     record = json.loads((tuned / "run.json").read_text())
     assert record["config"]["init"] == str(exported) and record["kl_warmup_steps"] == 0
+    # the preset and the flag did not apply: not recorded as if they had
+    assert record["config"]["preset"] is None and record["config"]["condition_all_layers"] is None
     after = ckpt.read_tensors(tuned / "model" / "model.safetensors")
     assert any(not torch.equal(after[k], start[k]) for k in start)  # it did train
     # a resume takes its weights from the checkpoint, and its architecture from run.json, not
