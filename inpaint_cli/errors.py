@@ -13,8 +13,10 @@ class InpaintError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback.
 
     `exit_code` follows the CLI convention: 2 for bad usage (options, paths), 1 for failures.
+    `every_rank`: every process of a launched job meets the same error, so one says it.
     """
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
+    def __init__(self, message: str, exit_code: int = 2, every_rank: bool = False) -> None:
         super().__init__(printable(message))
         self.exit_code = exit_code
+        self.every_rank = every_rank

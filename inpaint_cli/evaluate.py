@@ -188,14 +188,14 @@ def derangement(
 
 
 def _fit_to_resolution(
-    image: np.ndarray, mask: np.ndarray | None, resolution: int
+    image: np.ndarray, mask: np.ndarray | None, resolution: int, name: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The shard loader's resize-and-centre-crop for the image; the same geometry, nearest
-    neighbour, for its mask."""
+    neighbour, for its mask (see _fit_hole)."""
     from inpaint_cli.data import fit_to_resolution
 
     fitted = fit_to_resolution(image, resolution)
-    return fitted, None if mask is None else _fit_mask(mask, resolution)
+    return fitted, None if mask is None else _fit_hole(mask, resolution, name)
 
 
 def _fit_hole(mask: np.ndarray, resolution: int, name: str) -> np.ndarray:
@@ -332,7 +332,7 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
                     mask = mask_folder.load(
                         relative, stem, width, height, resize=options.resize_masks
                     )
-                    mask = _fit_hole(mask, resolution, source.name)
+                image, mask = _fit_to_resolution(image, mask, resolution, source.name)
             except InpaintError as error:
                 warn(str(error))
                 skipped[0] += 1
@@ -345,7 +345,6 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
                 warn(f"{source.name}: too large to read into memory")
                 skipped[0] += 1
                 continue
-            image, mask = _fit_to_resolution(image, mask, resolution)
             if mask is None:
                 rng = np.random.default_rng(stable_seed(options.seed, relative))
                 mask = make_mask(options.masks, resolution, resolution, rng, options.hole_area)

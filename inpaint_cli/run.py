@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import time
@@ -173,8 +174,15 @@ class _PrepareDataset:
         frames = img.info.get("frames", 1)
         reduced = img.info.get("reduced_from_16_bits", False)
         del img
-        prepared = Prepared(index, mode=mode, base=base, rgb=rgb, mask=mask)
-        prepared.caption, prepared.fingerprint = item.caption, fingerprint
+        prepared = Prepared(
+            index,
+            mode=mode,
+            base=base,
+            rgb=rgb,
+            mask=mask,
+            caption=item.caption,
+            fingerprint=fingerprint,
+        )
         if frames > 1:
             prepared.notes.append(f"note: {item.source}: {frames} frames, the first is filled")
         if reduced:
@@ -295,12 +303,12 @@ class _Runner:
         device: Any,
         log: _Log,
         advance: Any,
+        stop_marker: Path | None = None,
     ) -> None:
         self.options, self.share, self.out = options, share, out
         self.model, self.encoder, self.device = model, encoder, device
-        self.log, self.advance = log, advance
+        self.log, self.advance, self.stop_marker = log, advance, stop_marker
         self.counts = _Counts()
-        self.stop_marker: Path | None = None
         self.queue: deque[tuple[_Job, int]] = deque()
         self.writes: deque[tuple[_Job, Future]] = deque()
         workers = options.num_workers
@@ -508,10 +516,8 @@ def _process(
         disable=not show_progress,
     )
     task = progress.add_task("filling", total=len(share))
-    runner = _Runner(
-        options, share, out, model, encoder, device, log, lambda: progress.advance(task)
-    )
-    runner.stop_marker = stop_marker
+    advance = functools.partial(progress.advance, task)
+    runner = _Runner(options, share, out, model, encoder, device, log, advance, stop_marker)
     try:
         with progress:
             for prepared in loader:

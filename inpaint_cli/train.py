@@ -1085,6 +1085,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         config.grad_clip,
     )
 
+    images_per_step = config.batch_size * config.grad_accum * world
     state: dict[str, Any] = {
         "step": 0,
         "skipped_nonfinite": 0,
@@ -1106,7 +1107,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         for key in state:
             state[key] = saved.get(key, state[key])
         if "images_seen" not in saved:  # a checkpoint from before the count was kept
-            state["images_seen"] = start_step * config.batch_size * config.grad_accum * world
+            state["images_seen"] = start_step * images_per_step
         accelerator.print(f"resuming from {folder} (step {start_step})")
 
     # -- run.json, logs, trackers
@@ -1153,7 +1154,6 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         )
     batches: Iterator[dict[str, Any]] = iter(loader)
     val_kind = "center" if "center" in mask_kinds else mask_kinds[0]
-    images_per_step = config.batch_size * config.grad_accum * world
     seen_keys: list[str] = []
     samples_seen = 0
     # samples without any caption since the start; None once a caption was seen (or warned)
@@ -1483,11 +1483,10 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
         torch.distributed.destroy_process_group()
     if interrupted and state["step"] < config.steps:
         name = signal.Signals(stop.received).name if stop.received else "a signal on another rank"
-        stopped = InpaintError(
+        raise InpaintError(
             f"{run_dir}: stopped by {name} at step {state['step']}, which is checkpointed; "
             "run the same command with --resume to go on",
             exit_code=128 + (stop.received or signal.SIGTERM),
+            every_rank=True,  # every process stops at this step
         )
-        stopped.every_rank = True  # every process stops at this step: one line says it
-        raise stopped
     return summary

@@ -1616,9 +1616,9 @@ def test_a_stop_every_process_meets_is_said_once(monkeypatch, capsys):
     from inpaint_cli.app import _call
 
     def stopped():
-        error = InpaintError("runs/x: stopped by SIGINT at step 4, which is checkpointed", 130)
-        error.every_rank = True
-        raise error
+        raise InpaintError(
+            "runs/x: stopped by SIGINT at step 4, which is checkpointed", 130, every_rank=True
+        )
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, lines in (("0", 1), ("1", 0)):
