@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, is_another_rank, launched_processes
 
 app = typer.Typer(
     name="inpaint",
@@ -31,11 +31,11 @@ def _call(job: Callable[[], Any]) -> Any:
         return job()
     except InpaintError as error:
         # the same stop on every process of a launched job is said once, by the first
-        if not (error.every_rank and _is_another_rank()):
+        if not (error.every_rank and is_another_rank()):
             typer.echo(f"error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
-        if not _is_another_rank():  # a terminal's Ctrl-C reaches every process
+        if not is_another_rank():  # a terminal's Ctrl-C reaches every process
             typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     except RuntimeError as error:
@@ -44,16 +44,6 @@ def _call(job: Callable[[], Any]) -> Any:
             raise
         typer.echo(f"error: {lost}", err=True)
         raise typer.Exit(1) from None
-
-
-def _launched_processes() -> int:
-    """The number of processes `accelerate launch` or torchrun started (1 without them)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def _is_another_rank() -> bool:
-    """A process of a launched job other than the first."""
-    return _launched_processes() > 1 and os.environ.get("RANK", "0") != "0"
 
 
 # How gloo and NCCL report that another process of the job is gone.
@@ -65,7 +55,7 @@ def lost_peer_message(error: BaseException) -> str | None:
     """One line for a collective that failed because another process of a launched job died
     (killed, out of memory), instead of the long traceback; None for anything else."""
     text = str(error)
-    if _launched_processes() <= 1:
+    if launched_processes() <= 1:
         return None
     if not any(marker in text for marker in _PEER_FAILURES):
         return None

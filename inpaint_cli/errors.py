@@ -1,6 +1,9 @@
-"""The one exception type users see: a single line naming the file and the problem."""
+"""The one exception type users see: a single line naming the file and the problem, and the
+launcher facts that decide which process of a launched job says it."""
 
 from __future__ import annotations
+
+import os
 
 
 def printable(text: str) -> str:
@@ -20,3 +23,13 @@ class InpaintError(Exception):
         super().__init__(printable(message))
         self.exit_code = exit_code
         self.every_rank = every_rank
+
+
+def launched_processes() -> int:
+    """The number of processes `accelerate launch` or torchrun started (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_another_rank() -> bool:
+    """A process of a launched job other than the first."""
+    return launched_processes() > 1 and os.environ.get("RANK", "0") != "0"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from inpaint_cli.errors import InpaintError, printable
+from inpaint_cli.errors import InpaintError, launched_processes, printable
 from inpaint_cli.masks import MASK_KINDS, stable_seed
 from inpaint_cli.metrics import PSNR_CAP_DB
 from inpaint_cli.run_plan import (
@@ -1098,7 +1098,7 @@ def print_summary(result: dict[str, Any], console: Any = None) -> None:
 
 
 def _check_options(options: EvalOptions) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if launched_processes() > 1:
         # every process would score every image and write the same report files
         raise InpaintError(
             "inpaint eval runs as one process: run it without accelerate launch or torchrun",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from inpaint_cli import checkpoint as ckpt
-from inpaint_cli.errors import InpaintError
+from inpaint_cli.errors import InpaintError, launched_processes
 from inpaint_cli.images import atomic_write_bytes, output_lock
 from inpaint_cli.metrics import PSNR_CAP_DB
 
@@ -956,16 +956,16 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     # Under `accelerate launch --multi_gpu` or torchrun on a machine without GPUs, Accelerate
     # (1.x) sets up gloo multi-CPU training only when told cpu=True; otherwise every process
     # silently trains alone and they overwrite each other's run folder.
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = launched_processes()
     accelerator = Accelerator(
-        cpu=launched_processes > 1 and not _has_gpu(),
+        cpu=processes > 1 and not _has_gpu(),
         mixed_precision=config.mixed_precision,
         log_with="tensorboard" if has_tensorboard else None,
         project_dir=str(run_dir),
     )
-    if accelerator.num_processes != launched_processes:
+    if accelerator.num_processes != processes:
         raise InpaintError(
-            f"launched as {launched_processes} processes, but Accelerate set up "
+            f"launched as {processes} processes, but Accelerate set up "
             f"{accelerator.num_processes}: each process would train alone",
             exit_code=1,
         )
