@@ -209,7 +209,10 @@ def train(
         "for the bundled model) instead of random ones; its config.json fixes the architecture.",
     ),
     num_workers: int = typer.Option(2, min=0, help="Data loader workers per process."),
-    background: str = typer.Option("white", help="Alpha background: white or random."),
+    background: str = typer.Option(
+        "white",
+        help="Colour under transparent pixels: white, black, or random (a flat colour per image).",
+    ),
     resume: bool = typer.Option(False, help="Continue from the newest complete checkpoint."),
 ) -> None:
     """Train the hierarchical VAE on webdataset shards with Accelerate.
@@ -440,7 +443,31 @@ def main() -> None:
     # OpenMP threads spin while they wait by default; on a shared or busy machine that made
     # 2-thread inference up to 20x slower (benchmarks/). Passive waiting changes no result.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    sys.exit(run_app(sys.argv[1:]))
+
+
+def run_app(args: list[str]) -> int:
+    """Run the command line on `args` and return its exit code. A usage error (an unknown or
+    missing option, a value out of range) is one `error:` line, like every other bad input,
+    rather than Typer's framed box, so that scripts can log and parse it."""
+    # Typer raises click's exceptions, or since 0.24 those of its own copy of click
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = app(args=args, prog_name="inpaint", standalone_mode=False)
+    except usage_error as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # a bare command: its help
+            if error.format_message().strip():  # Typer's rich help is printed, not returned
+                typer.echo(error.format_message())
+            return error.exit_code
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "inpaint"
+        message = " ".join(error.format_message().split())
+        typer.echo(f"error: {command}: {message} (see {command} --help)", err=True)
+        return error.exit_code
+    except typer.Abort:  # end of input at a prompt
+        typer.echo("aborted", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

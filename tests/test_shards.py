@@ -651,6 +651,27 @@ def test_help_does_not_import_heavy_modules() -> None:
     assert shown.returncode == 0 and "--split-by" in shown.stdout
 
 
+def test_usage_errors_are_one_line(tmp_path, capsys) -> None:
+    from inpaint_cli.app import run_app
+
+    cases = {
+        ("run", str(tmp_path), "--out", str(tmp_path / "o")): "Missing option '--masks'",
+        ("masks", str(tmp_path), str(tmp_path / "m"), "--seed", "x"): "--seed",
+        ("shards", str(tmp_path), str(tmp_path / "s"), "--nope"): "No such option: --nope",
+        ("bogus",): "No such command 'bogus'",
+    }
+    for args, problem in cases.items():
+        assert run_app(list(args)) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: inpaint"), captured.err
+        assert problem in lines[0] and "--help" in lines[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
+    # a bare `inpaint` still shows its help, and --help exits 0
+    assert run_app([]) == 2 and "shards" in capsys.readouterr().out
+    assert run_app(["masks", "--help"]) == 0 and "--kind" in capsys.readouterr().out
+
+
 def test_non_png_images_are_reencoded_and_jpeg_kept(tmp_path, png_sample) -> None:
     src = tmp_path / "src"
     src.mkdir()
