@@ -703,6 +703,46 @@ def test_far_apart_holes_get_separate_windows_and_paste_only_holes():
     assert window.side == 50 and window.y0 < 0  # taller than the image: padded as hole
 
 
+def test_a_long_thin_hole_is_tiled_and_every_hole_pixel_pasted_once():
+    import cv2
+
+    mask = np.zeros((400, 600), bool)
+    line = np.zeros((400, 600), np.uint8)
+    cv2.line(line, (20, 30), (580, 370), 255, 6)  # a 6 px scratch across the image
+    mask |= line > 0
+    found = hole_windows(mask, 16)
+    tiles = [w for w in found if w.core is not None]
+    assert len(tiles) > 10 and len(found) == len(tiles)
+    # sized for the scratch's width (no shrinking), not for its 600 px extent
+    assert max(w.shrink(16) for w in tiles) < 1.5  # one window would be shrunk 37x
+    compact = np.zeros((400, 600), bool)
+    compact[300:340, 40:80] = True  # a compact hole keeps one window around all of it
+    (box_window,) = hole_windows(compact, 16)
+    assert box_window.core is None and box_window.side >= 40
+    # the cells lie inside their windows and take each hole pixel exactly once
+    pasted = np.zeros(mask.shape, int)
+    for window in tiles:
+        x0, y0, x1, y1 = window.core
+        assert window.x0 <= x0 < x1 <= window.x0 + window.side
+        assert window.y0 <= y0 < y1 <= window.y0 + window.side
+        pasted[y0:y1, x0:x1] += mask[y0:y1, x0:x1]
+    assert (pasted[line > 0] == 1).all() and (pasted[line == 0] == 0).all()
+    # pasting changes exactly the hole pixels, however the windows overlap
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    canvas = image.copy()
+    for k, window in enumerate(found):
+        crop, hole = crop_window(image, mask, window, 16)
+        assert hole.any()
+        paste_window(canvas, mask, window, np.full((16, 16, 3), k % 200 + 1, np.float32))
+    assert np.array_equal(canvas[~mask], image[~mask])
+    for window in tiles:  # a tile's cell holds its own fill, nobody else's
+        x0, y0, x1, y1 = window.core
+        cell = canvas[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
+        assert (cell == found.index(window) % 200 + 1).all()
+    assert hole_windows(mask, 16) == found  # deterministic: window indices seed generators
+
+
 # ----------------------------------------------------------------------------- captions
 
 
