@@ -685,12 +685,16 @@ def run_folder(options: RunOptions) -> dict:
         log.line(f"warning: {model_dir}: the model has no text path; --caption-strength ignored")
     strength = run_plan.caption_strength(options, config) if captioned else None
     encoder_record = config.get("text_encoder") if captioned else None
-    settings = run_plan.output_settings(options, model_dir, masks, encoder_record, strength)
+    settings = run_plan.output_settings(options, model_dir, encoder_record, strength)
     earlier = run_plan.check_manifest(out, settings, options.overwrite)
     run_plan.check_foreign_files(items, options, out)
+    sources = run_plan.input_sources(options, masks)
+    same_sources = run_plan.last_sources(out) == sources
     redo_all = options.overwrite
     states = [
-        "missing" if redo_all or item.problem else run_plan.output_state(item, options, out)
+        "missing"
+        if redo_all or item.problem
+        else run_plan.output_state(item, options, out, same_sources)
         for item in items
     ]
     done = [state == "done" for state in states]
@@ -720,19 +724,23 @@ def run_folder(options: RunOptions) -> dict:
             held.enter_context(output_lock(out, "run"))
             run_plan.remove_stale_temps(out)
             (out / STRICT_STOP_NAME).unlink(missing_ok=True)  # a killed --strict run's
-            if options.overwrite:  # before the manifest that records the earlier runs is replaced
-                stale = run_plan.stale_outputs(items, options, out)
-                for path in stale:
-                    path.unlink(missing_ok=True)
-                if stale:
-                    log.line(
-                        f"removed {len(stale)} output(s) of an earlier run that this run does not "
-                        f"write (other --samples or extras), e.g. {stale[0]}"
-                    )
+            # Images filled again lose what earlier runs wrote for them under names this run
+            # does not write (an overlay of the old hole); before the manifest that records
+            # those runs is replaced.
+            redone = items if options.overwrite else changed
+            stale = run_plan.stale_outputs(redone, options, out) if redone else []
+            for path in stale:
+                path.unlink(missing_ok=True)
+            if stale:
+                log.line(
+                    f"removed {len(stale)} output(s) of an earlier run that this run does not "
+                    f"write (other --samples or extras), e.g. {stale[0]}"
+                )
             record = {
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": str(model_dir),
                 "settings": settings,
+                "inputs": sources,
                 "options": run_plan.options_record(options),
                 "world_size": world,
             }

@@ -439,15 +439,17 @@ def recorded_fingerprint(output: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def output_state(item: Item, options: RunOptions, out: Path) -> str:
+def output_state(item: Item, options: RunOptions, out: Path, same_sources: bool = True) -> str:
     """'missing' (some output absent), 'changed' (all there, but made from other inputs) or
-    'done'."""
+    'done'. `same_sources`: the last run into OUT read the same folders and caption file, so
+    an output newer than its inputs was made from them."""
     names = item.output_names(options)
     if not all((out / name).is_file() for name in names):
         return "missing"
     try:
         written = (out / names[0]).stat().st_mtime_ns
-        if max(path.stat().st_mtime_ns for path in _input_files(item)) < written:
+        newest_input = max(path.stat().st_mtime_ns for path in _input_files(item))
+        if same_sources and newest_input < written:
             return "done"  # make's rule, which spares reading every input on a rerun
         recorded = recorded_fingerprint(out / names[0])
         if recorded is None or recorded == input_fingerprint(item):
@@ -526,25 +528,44 @@ def caption_strength(options: RunOptions, config: dict) -> float:
 def output_settings(
     options: RunOptions,
     model_dir: Path,
-    masks: Path,
     encoder: dict | None,
     caption_strength: float | None = None,
 ) -> dict:
-    """What decides the output pixels: a rerun must match these to add to the same folder."""
-    caption_file = Path(options.caption_file) if options.caption_file else None
+    """What decides the output pixels besides each image's inputs: a rerun must match these
+    to add to the same folder. The inputs themselves (image, masks, caption) are checked per
+    image by their fingerprint, so other folders or a redrawn mask need no --overwrite."""
     return {
         "model_sha256": sha256_file(model_dir / "model.safetensors"),
         "seed": options.seed,
         "samples": options.samples,
         "temperature": options.temperature,
         "dilate": options.dilate,
-        "resize_masks": options.resize_masks,
-        "masks": str(masks.resolve()),
-        "caption": options.caption,
-        "caption_file_sha256": sha256_file(caption_file) if caption_file else None,
         "text_encoder": encoder,
         "caption_strength": caption_strength,  # None when no caption reaches the model
     }
+
+
+def input_sources(options: RunOptions, masks: Path) -> dict:
+    """Where a run reads its inputs. When a rerun reads others (another folder of photos that
+    reuse the same names, as cameras do, or an edited caption file), outputs newer than the
+    inputs prove nothing, so every image is checked by its fingerprint (which holds its
+    caption)."""
+    caption_file = Path(options.caption_file) if options.caption_file else None
+    return {
+        "images": str(Path(options.images).resolve()),
+        "masks": str(masks.resolve()),
+        "caption": options.caption,
+        "caption_file_sha256": sha256_file(caption_file) if caption_file else None,
+    }
+
+
+def last_sources(out: Path) -> dict | None:
+    """The input sources of the last run into OUT (None if unknown)."""
+    try:
+        lines = (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+        return json.loads([line for line in lines if line.strip()][-1]).get("inputs")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def check_manifest(out: Path, settings: dict, overwrite: bool) -> list[str]:
@@ -562,7 +583,8 @@ def check_manifest(out: Path, settings: dict, overwrite: bool) -> list[str]:
             f"{path}: not a manifest written by inpaint run; use --overwrite or another --out",
             exit_code=2,
         ) from None
-    differ = sorted(k for k in set(settings) | set(previous) if settings.get(k) != previous.get(k))
+    # settings that earlier versions recorded and this one does not are not compared
+    differ = sorted(k for k in settings if settings.get(k) != previous.get(k))
     if differ:
         changes = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in differ)
         raise InpaintError(

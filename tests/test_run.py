@@ -285,6 +285,14 @@ def test_overwrite_with_fewer_samples_leaves_no_stale_outputs(mixed, tiny_model,
     assert invoke(*args, "--overwrite").exit_code == 0  # one sample: <stem>.png
     assert written() == {"small.png", "grey.png", "small_9.png"}
     assert (out / "small_9.png").read_bytes() == b"a file no run wrote"
+    # an image filled again because its mask changed loses its old overlay; the others keep
+    # theirs (a rerun without the flag is no reason to delete them)
+    assert invoke(*args, "--save-mask-overlay").exit_code == 0
+    mask = single / "masks" / "small.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask).convert("L"))).save(mask)
+    refilled = invoke(*args)
+    assert refilled.exit_code == 0 and "removed 1 output(s)" in refilled.stderr, refilled.stderr
+    assert written() == {"small.png", "grey.png", "grey_overlay.png", "small_9.png"}
 
 
 def test_a_second_run_into_the_same_out_is_refused_while_one_runs(mixed, tiny_model, tmp_path):
@@ -953,6 +961,42 @@ def test_a_rerun_fills_again_the_images_whose_mask_photo_or_caption_changed(tmp_
     assert_outside_unchanged(images / "cat.jpg", out / "cat.png", hole)  # the new mask's fill
     third = json.loads(invoke(*args, "--json").stdout)
     assert (third["done"], third["skipped"]) == (0, 3)  # and now they are done
+
+
+def test_a_rerun_from_other_folders_checks_contents_not_dates(tmp_path, tiny_model):
+    """Camera files reuse names (IMG_0001.jpg) and keep their old dates when copied: a second
+    card's photos, older than the first card's outputs, were skipped as done."""
+    import os
+
+    card1, card2, masks, out = (tmp_path / n for n in ("card1", "card2", "masks", "out"))
+    for name, seed in (("IMG_0001", 0), ("IMG_0002", 1)):
+        _photo(card1 / f"{name}.jpg", seed)
+        _photo(card2 / f"{name}.jpg", seed + 10)
+        _save_mask(masks / f"{name}.png", _box_mask(24, 20, HOLE))
+    for path in card2.iterdir():
+        os.utime(path, (1_000_000_000, 1_000_000_000))  # taken in 2001
+    for path in masks.iterdir():
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    common = ["--masks", masks, "--out", out, "--model", tiny_model, "--num-workers", "0"]
+    assert invoke(card1, *common).exit_code == 0
+    first = _pngs(out)
+    second = invoke(card2, *common, "--json")
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["done"] == 2 and "2 image(s) changed" in second.stderr
+    assert all(_pngs(out)[name] != first[name] for name in first)
+    # the same masks from another folder, and --resize-masks, change no output: no --overwrite
+    shutil.copytree(masks, tmp_path / "masks2")
+    again = invoke(card2, *common[:1], tmp_path / "masks2", *common[2:], "--resize-masks", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["skipped"] == 2
+    # a manifest of an earlier version, which compared these settings too, is still accepted
+    manifest = out / "manifest.jsonl"
+    record = json.loads(manifest.read_text().splitlines()[-1])
+    record["settings"].update(masks="/elsewhere", resize_masks=True, caption_file_sha256=None)
+    del record["inputs"]
+    manifest.write_text(json.dumps(record) + "\n")
+    last = invoke(card2, *common, "--json")
+    assert last.exit_code == 0 and json.loads(last.stdout)["skipped"] == 2, last.output
 
 
 def test_pictures_in_formats_it_does_not_read_get_one_warning(tmp_path, tiny_model):
