@@ -49,6 +49,27 @@ def _fail(name: str, problem: str) -> InpaintError:
     return InpaintError(f"{name}: {first_line}", exit_code=1)
 
 
+# Pillow's limit (about 89 megapixels) refuses a 100-megapixel camera's photos and stitched
+# panoramas; this environment variable raises (or lowers) it for every command.
+MAX_PIXELS_VARIABLE = "INPAINT_MAX_PIXELS"
+
+
+def _apply_pixel_limit() -> None:
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return
+    try:
+        limit = int(float(value))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise InpaintError(
+            f"{MAX_PIXELS_VARIABLE}={value!r}: expected a number of pixels, e.g. 200000000",
+            exit_code=2,
+        )
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 def _refuse_bombs(img: Image.Image, name: str) -> None:
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a long unattended job must not
     # allocate gigabytes for one hostile file, so refuse everything above the limit.
@@ -56,7 +77,9 @@ def _refuse_bombs(img: Image.Image, name: str) -> None:
     width, height = img.size
     if limit is not None and width * height > limit:
         raise _fail(
-            name, f"{width}x{height} pixels is above the limit of {limit} (decompression bomb?)"
+            name,
+            f"{width}x{height} pixels is above the limit of {limit} (decompression bomb?); "
+            f"{MAX_PIXELS_VARIABLE}=N allows images of up to N pixels",
         )
 
 
@@ -79,6 +102,7 @@ def _to_srgb(img: Image.Image) -> Image.Image:
 def _pillow_errors(name: str) -> Iterator[None]:
     """Pillow's many errors for a bad file as one InpaintError naming it. Its UserWarnings
     about odd metadata would be extra lines per file; the bomb warning becomes an error."""
+    _apply_pixel_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -89,7 +113,8 @@ def _pillow_errors(name: str) -> Iterator[None]:
     except Image.UnidentifiedImageError:
         raise _fail(name, "not a supported image (PNG, JPEG, WebP, BMP, TIFF or GIF)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise _fail(name, f"refused as a decompression bomb ({error})") from None
+        problem = f"refused as a decompression bomb ({error}); {MAX_PIXELS_VARIABLE}=N allows"
+        raise _fail(name, f"{problem} images of up to N pixels") from None
     except MemoryError:
         raise _fail(name, "image too large to decode") from None
     except Exception as error:  # Pillow raises many types for corrupt files
@@ -232,8 +257,15 @@ def upright_size(path: Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = False) -> np.ndarray:
-    """Bool HxW hole mask (True = hole): greyscale >= 128. `size` is the image's (width, height).
+def load_mask(
+    path: Path,
+    size: tuple[int, int] | None = None,
+    resize: bool = False,
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """Bool HxW hole mask (True = hole): greyscale >= 128. A mask with no such pixel but paint
+    in a bright colour (red, as image editors show quick masks) has that paint as its hole:
+    pixels with a channel at 128 or above. `size` is the image's (width, height).
 
     A mask of another size is an error unless `resize`, then it is resized nearest-neighbour.
     A mask with transparency is white paint on a transparent layer (transparent = not a hole),
@@ -242,11 +274,25 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
     Read as white = hole, such a photo would have every bright part repainted, so an opaque
     part that looks like a photo (varied greys) or is all black makes the transparent part the
     hole.
+
+    `notes` collects warnings: a mask that looks like a photo (the photo itself with white
+    paint on it: every bright part would be repainted), one stretched to another shape.
     """
     path = Path(path)
     img = load_image(path)
-    grey = np.asarray(Image.fromarray(image_to_rgb_uint8(img, background=(0, 0, 0))).convert("L"))
-    hole = grey >= 128
+    rgb = image_to_rgb_uint8(img, background=(0, 0, 0))
+    hole = np.asarray(Image.fromarray(rgb).convert("L")) >= 128
+    brightest = rgb.max(axis=2)
+    if not hole.any():  # pure red is 76 in greyscale: read as grey, red paint is no hole
+        hole = brightest >= 128
+    if notes is not None and not has_alpha(img):
+        grey_fraction = float(((brightest > 32) & (brightest < 224)).mean())
+        if grey_fraction > PHOTO_MASK_GREY_FRACTION:
+            notes.append(
+                f"warning: {path}: looks like a photo, not a mask ({grey_fraction:.0%} of its "
+                "pixels are neither near black nor near white); every pixel at 128 or brighter "
+                "is filled: paint the hole white on black"
+            )
     if has_alpha(img):
         rgba = np.asarray(img.convert("RGBA"))
         opaque = rgba[:, :, 3] >= 128
@@ -257,6 +303,12 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
     if size is not None and hole.shape[::-1] != tuple(size):
         if not resize:
             raise _fail(str(path), mask_size_problem(hole.shape[::-1], size))
+        mask_aspect, image_aspect = hole.shape[1] / hole.shape[0], size[0] / size[1]
+        if notes is not None and abs(mask_aspect / image_aspect - 1) > 0.01:
+            notes.append(
+                f"warning: {path}: mask is {hole.shape[1]}x{hole.shape[0]}, the image "
+                f"{size[0]}x{size[1]}: --resize-masks stretches it to another shape"
+            )
         scaled = Image.fromarray(hole).resize(tuple(size), Image.Resampling.NEAREST)
         hole = np.asarray(scaled, dtype=bool)
     return hole
@@ -267,6 +319,8 @@ def load_mask(path: Path, size: tuple[int, int] | None = None, resize: bool = Fa
 # transparency (load_mask).
 ERASED_MASK_MIN_STD = 16.0
 ERASED_MASK_MAX_BLACK = 32
+# A drawn mask is black and white with soft edges; a photo is mostly mid-tones.
+PHOTO_MASK_GREY_FRACTION = 0.25
 
 
 def _is_hidden(relative: Path) -> bool:

@@ -127,11 +127,13 @@ class Prepared:
     fingerprint: str = ""  # of the inputs as read (run_plan.input_fingerprint)
 
 
-def _load_hole_mask(item: Item, size: tuple[int, int], options: RunOptions) -> np.ndarray:
+def _load_hole_mask(
+    item: Item, size: tuple[int, int], options: RunOptions, notes: list[str] | None = None
+) -> np.ndarray:
     mask = np.zeros((size[1], size[0]), bool)
     for mask_path in item.masks:
         try:
-            mask |= load_mask(mask_path, size, resize=options.resize_masks)
+            mask |= load_mask(mask_path, size, resize=options.resize_masks, notes=notes)
         except InpaintError as error:  # name the image too: that is what the user looks for
             raise InpaintError(f"{item.source}: mask {error}", exit_code=1) from None
     return windows.dilate_mask(mask, options.dilate)
@@ -170,7 +172,8 @@ class _PrepareDataset:
         img = load_image(item.source)
         rgb = image_to_rgb_uint8(img)
         mode, base = windows.output_base(img, rgb)
-        mask = _load_hole_mask(item, img.size, self.options)
+        mask_notes: list[str] = []
+        mask = _load_hole_mask(item, img.size, self.options, mask_notes)
         frames = img.info.get("frames", 1)
         reduced = img.info.get("reduced_from_16_bits", False)
         del img
@@ -182,6 +185,7 @@ class _PrepareDataset:
             mask=mask,
             caption=item.caption,
             fingerprint=fingerprint,
+            notes=mask_notes,
         )
         if frames > 1:
             prepared.notes.append(f"note: {item.source}: {frames} frames, the first is filled")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field, replace
@@ -224,6 +225,7 @@ class MaskFinder:
         self.single = masks if masks.is_file() else None
         self.by_stem: dict[tuple[str, str], list[Path]] = {}
         self.by_mask_name: dict[tuple[str, str], list[Path]] = {}
+        self.ambiguous: list[list[Path]] = []
         if self.single is not None:
             return
         # An OUT inside MASKS holds earlier outputs, never masks; MASKS inside OUT holds masks.
@@ -238,12 +240,14 @@ class MaskFinder:
                 continue
             if skipped is not None and path.resolve().is_relative_to(skipped):
                 continue
-            key_folder = relative.parent.as_posix()
+            key_folder = _nfc(relative.parent.as_posix())
             named = MASK_NAME_RE.match(path.name)
             if named:
-                self.by_mask_name.setdefault((key_folder, named["stem"]), []).append(path)
+                self.by_mask_name.setdefault((key_folder, _nfc(named["stem"])), []).append(path)
             elif path not in image_files:  # MASKS may be IMAGES: an image is no one's mask
-                self.by_stem.setdefault((key_folder, path.stem), []).append(path)
+                self.by_stem.setdefault((key_folder, _nfc(path.stem)), []).append(path)
+        # e.g. a.png beside a.jpg: the PNG is taken (find_stem); plan() says so once
+        self.ambiguous = [sorted(paths) for paths in self.by_stem.values() if len(paths) > 1]
 
     def find(self, rel: PurePosixPath) -> list[Path]:
         """The masks of the image at relative path `rel`."""
@@ -254,6 +258,7 @@ class MaskFinder:
         may contain dots, so it is passed as is)."""
         if self.single is not None:
             return [self.single]
+        folder, stem = _nfc(folder), _nfc(stem)
         for key in dict.fromkeys([(folder, stem), (".", stem)]):
             same_stem = self.by_stem.get(key)
             if same_stem:
@@ -262,6 +267,12 @@ class MaskFinder:
             if named:
                 return named  # several <stem>_mask*.png: all their holes are filled
         return []
+
+
+def _nfc(name: str) -> str:
+    """A file name in one Unicode form: macOS writes "é" decomposed (NFD), most tools composed
+    (NFC), so a mask made elsewhere for café.jpg would not match it byte for byte."""
+    return unicodedata.normalize("NFC", name)
 
 
 def read_caption_file(path: Path) -> dict[str, str]:
@@ -295,7 +306,7 @@ def read_caption_file(path: Path) -> dict[str, str]:
         if caption is not None and not isinstance(caption, str):
             raise InpaintError(f"{path}: line {number}: text must be a string", exit_code=2)
         name = PurePosixPath(record["file_name"].replace("\\", "/")).as_posix()
-        captions[name.removeprefix("./")] = caption or ""
+        captions[_nfc(name.removeprefix("./"))] = caption or ""
     return captions
 
 
@@ -309,6 +320,13 @@ def plan(
 ) -> list[Item]:
     image_set = set(files)
     finder = MaskFinder(masks, out, image_set)
+    if finder.ambiguous and warn is not None:
+        example = ", ".join(path.name for path in finder.ambiguous[0])
+        warn(
+            f"warning: {masks}: {len(finder.ambiguous)} mask name(s) come in several files "
+            f"({example} in {finder.ambiguous[0][0].parent}); the PNG, else the first by name, "
+            "is used"
+        )
     file_captions = read_caption_file(Path(options.caption_file)) if options.caption_file else {}
     # file_name is relative to IMAGES; else, as in a Hugging Face imagefolder, to the caption
     # file's folder (a single image given from a captioned folder, a metadata.jsonl above IMAGES)
@@ -320,8 +338,8 @@ def plan(
         item = Item(rel=rel.as_posix(), source=path, stem=rel.with_suffix("").as_posix())
         item.masks = finder.find(rel)
         if not item.masks:
-            item.problem = f"{path}: no mask found in {options.masks} (looked for {rel.stem}.* " \
-                f"and {rel.stem}_mask*.png)"  # fmt: skip
+            item.problem = f"{path}: no mask found in {options.masks} (looked for " \
+                f"{rel.stem} with an image extension, and {rel.stem}_mask*.png)"  # fmt: skip
         key = _caption_key(item.rel, path, caption_root, file_captions)
         if options.caption is not None:
             item.caption = options.caption
@@ -365,6 +383,7 @@ def _absolute(path: Path) -> Path:
 def _caption_key(
     rel: str, path: Path, caption_root: Path | None, captions: dict[str, str]
 ) -> str | None:
+    rel = _nfc(rel)
     if rel in captions:
         return rel
     if caption_root is None:
@@ -372,7 +391,7 @@ def _caption_key(
     absolute = _absolute(path)
     if not absolute.is_relative_to(caption_root):
         return None
-    key = absolute.relative_to(caption_root).as_posix()
+    key = _nfc(absolute.relative_to(caption_root).as_posix())
     return key if key in captions else None
 
 

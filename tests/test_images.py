@@ -108,6 +108,19 @@ def test_bomb_between_warning_and_error_limits_is_refused(monkeypatch) -> None:
     assert decode_image(encoded(Image.new("L", (30, 30))), "ok.png").size == (30, 30)
 
 
+def test_the_pixel_limit_can_be_raised_for_big_photos(monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encoded(Image.new("L", (80, 30)))
+    with pytest.raises(InpaintError, match="INPAINT_MAX_PIXELS=N allows"):
+        decode_image(data, "panorama.png")
+    monkeypatch.setenv("INPAINT_MAX_PIXELS", "2400")
+    assert decode_image(data, "panorama.png").size == (80, 30)
+    monkeypatch.setenv("INPAINT_MAX_PIXELS", "lots")
+    with pytest.raises(InpaintError, match="INPAINT_MAX_PIXELS='lots'") as error:
+        decode_image(data, "panorama.png")
+    assert error.value.exit_code == 2
+
+
 # ---------------------------------------------------------------- odd modes
 
 
@@ -243,6 +256,37 @@ def test_mask_threshold_grey_rgb_and_alpha(tmp_path) -> None:
     painted[0, 0] = (255, 255, 255, 255)  # opaque white stroke on a transparent layer
     Image.fromarray(painted).save(tmp_path / "alpha.png")
     assert load_mask(tmp_path / "alpha.png").tolist() == [[True, False]]
+    # red paint (76 in greyscale) on black or on a transparent layer, nothing brighter: a hole
+    red = np.zeros((1, 3, 3), dtype=np.uint8)
+    red[0, 1] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    assert load_mask(tmp_path / "red.png").tolist() == [[False, True, False]]
+    red_layer = np.zeros((1, 3, 4), dtype=np.uint8)
+    red_layer[0, 2] = (220, 20, 20, 255)
+    Image.fromarray(red_layer).save(tmp_path / "red_layer.png")
+    assert load_mask(tmp_path / "red_layer.png").tolist() == [[False, False, True]]
+    red[0, 2] = (255, 255, 255)  # with white paint present, white is the hole, as in greyscale
+    Image.fromarray(red).save(tmp_path / "red_white.png")
+    assert load_mask(tmp_path / "red_white.png").tolist() == [[False, False, True]]
+
+
+def test_a_photo_given_as_mask_and_a_stretched_mask_are_warned_about(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    photo = rng.integers(40, 200, (20, 30, 3), dtype=np.uint8)
+    photo[5:10, 5:15] = 255  # the hole painted white over the photo itself
+    Image.fromarray(photo).save(tmp_path / "painted_photo.png")
+    notes: list[str] = []
+    load_mask(tmp_path / "painted_photo.png", notes=notes)
+    assert len(notes) == 1 and "looks like a photo, not a mask" in notes[0]
+    drawn = np.zeros((20, 30), np.uint8)
+    drawn[5:10, 5:15] = 255
+    drawn[4, 5:15] = 128  # a soft edge
+    Image.fromarray(drawn).save(tmp_path / "drawn.png")
+    notes = []
+    load_mask(tmp_path / "drawn.png", size=(60, 40), resize=True, notes=notes)
+    assert notes == []  # twice the size, same shape: no warning
+    load_mask(tmp_path / "drawn.png", size=(30, 30), resize=True, notes=notes)
+    assert len(notes) == 1 and "stretches it to another shape" in notes[0]
 
 
 def test_mask_with_a_transparent_hole_openai_style(tmp_path) -> None:

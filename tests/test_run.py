@@ -999,6 +999,32 @@ def test_a_rerun_from_other_folders_checks_contents_not_dates(tmp_path, tiny_mod
     assert last.exit_code == 0 and json.loads(last.stdout)["skipped"] == 2, last.output
 
 
+def test_names_match_across_unicode_forms_and_a_doubled_mask_is_named(tmp_path, tiny_model):
+    """A photo named on a Mac (é decomposed) and its mask and caption written elsewhere (é
+    composed) look the same but differ byte for byte."""
+    import unicodedata
+
+    images, masks, out = tmp_path / "photos", tmp_path / "masks", tmp_path / "out"
+    decomposed = unicodedata.normalize("NFD", "café")
+    composed = unicodedata.normalize("NFC", "café")
+    assert decomposed != composed
+    _photo(images / f"{decomposed}.jpg")
+    _save_mask(masks / f"{composed}.png", _box_mask(24, 20, HOLE))
+    _photo(images / "tea.jpg", seed=1)
+    _save_mask(masks / "tea.png", _box_mask(24, 20, HOLE))
+    _save_mask(masks / "tea.jpg", _box_mask(24, 20, [(0.0, 0.0, 0.2, 0.2)]))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"file_name": f"{composed}.jpg", "text": "a cup"}) + "\n")
+    result = invoke(images, "--masks", masks, "--out", out, "--model", tiny_model,
+                    "--caption-file", captions, "--num-workers", "0", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["done"] == 2
+    assert "captions name no image" not in result.stderr  # the caption found its photo too
+    doubled = [line for line in result.stderr.splitlines() if "several files" in line]
+    assert len(doubled) == 1 and "tea.jpg, tea.png" in doubled[0] and "the PNG" in doubled[0]
+    assert_outside_unchanged(images / "tea.jpg", out / "tea.png", _box_mask(24, 20, HOLE) > 0)
+
+
 def test_pictures_in_formats_it_does_not_read_get_one_warning(tmp_path, tiny_model):
     images, masks = tmp_path / "photos", tmp_path / "masks"
     _photo(images / "cat.jpe")  # a JPEG by another extension: filled
