@@ -6,14 +6,16 @@ pixels are pasted. Windows of different groups never overlap, so pastes never co
 
 A group whose window would be much larger than the hole's width calls for (a long thin stroke,
 scattered specks) is cut into tiles instead: square cells over its bounding box, each filled
-in a window sized for the hole's width, which pastes only the hole pixels of its own cell.
-One window shrunk 14x for a 30-pixel stroke across a photo filled it with a blur.
+in a window sized for the hole's width, which pastes the hole pixels of its own cell and a
+margin around it. One window shrunk 14x for a 30-pixel stroke across a photo filled it with a
+blur. Tiles are filled side by side, so neighbours may disagree: where a tile's margin covers
+pixels an earlier tile pasted, it cross-fades into them instead of meeting them at a seam.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -26,6 +28,8 @@ MAX_COMPONENTS = 2000
 # A group is tiled when its window is more than this many times the side its hole's width asks
 # for; below it one window keeps the whole hole in view (and no seams between cells).
 TILE_ABOVE = 3.0
+# How far, as a fraction of its cell, a tile pastes past its cell to cross-fade with neighbours.
+TILE_OVERLAP = 0.25
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,10 @@ class Window:
     # (x0, y0, x1, y1) in image pixels: the only hole pixels this window pastes (a tile's
     # cell); None for the whole window
     core: tuple[int, int, int, int] | None = None
+    # a tile's cell grown by its cross-fade margin (within the window and image): what it pastes
+    paste_box: tuple[int, int, int, int] | None = None
+    # paste boxes of the tiles pasted before this one that overlap its own (hole_windows' order)
+    blend_with: tuple[tuple[int, int, int, int], ...] = ()
 
     def shrink(self, resolution: int) -> float:
         return self.side / resolution
@@ -67,7 +75,38 @@ def _placed(
         start = int(round((lo + hi) / 2 - side / 2))
         return min(max(start, 0), size - side)
 
-    return Window(place(x0, x1, width), place(y0, y1, height), side, box if core else None)
+    window = Window(place(x0, x1, width), place(y0, y1, height), side)
+    if not core:
+        return window
+    margin = math.ceil(TILE_OVERLAP * max(x1 - x0, y1 - y0))
+    paste_box = (
+        max(x0 - margin, window.x0, 0),
+        max(y0 - margin, window.y0, 0),
+        min(x1 + margin, window.x0 + side, width),
+        min(y1 + margin, window.y0 + side, height),
+    )
+    return replace(window, core=box, paste_box=paste_box)
+
+
+def _with_blends(windows: list[Window]) -> list[Window]:
+    """Each tile with the paste boxes of the earlier tiles in `windows` that overlap its own."""
+    tiles = [(i, w.paste_box) for i, w in enumerate(windows) if w.paste_box is not None]
+    if len(tiles) < 2:
+        return windows
+    boxes = np.array([box for _, box in tiles])
+    out = list(windows)
+    for n, (i, (x0, y0, x1, y1)) in enumerate(tiles):
+        earlier = boxes[:n]
+        hits = (
+            (earlier[:, 0] < x1)
+            & (x0 < earlier[:, 2])
+            & (earlier[:, 1] < y1)
+            & (y0 < earlier[:, 3])
+        )
+        out[i] = replace(
+            windows[i], blend_with=tuple(tuple(int(v) for v in b) for b in earlier[hits])
+        )
+    return out
 
 
 def _box_window(box: tuple[int, int, int, int], height: int, width: int, resolution: int) -> Window:
@@ -177,7 +216,8 @@ def hole_windows(mask: np.ndarray, resolution: int) -> list[Window]:
         for w, b in zip(windows, boxes, strict=True)
         for t in _tiles(w, b, mask, width_of_hole, resolution)
     ]
-    return sorted(tiled, key=lambda w: (w.y0, w.x0, w.core or ()))
+    # run pastes an image's windows in this order, which the cross-fades rely on
+    return _with_blends(sorted(tiled, key=lambda w: (w.y0, w.x0, w.core or ())))
 
 
 def crop_window(
@@ -208,7 +248,9 @@ def crop_window(
 def paste_window(canvas: np.ndarray, mask: np.ndarray, window: Window, filled: np.ndarray) -> None:
     """Paste the hole pixels of `filled` (float RxRx3 in 0..255) into `canvas` (uint8 HxWx3).
 
-    Only pixels where `mask` is True inside the window (inside its core, for a tile) change.
+    Only pixels where `mask` is True inside the window (inside its paste box, for a tile)
+    change. A tile cross-fades into the pixels the tiles listed in its `blend_with` pasted, so
+    the windows of an image must be pasted in hole_windows' order.
     """
     height, width = mask.shape
     side = window.side
@@ -222,12 +264,39 @@ def paste_window(canvas: np.ndarray, mask: np.ndarray, window: Window, filled: n
     cx0, cy0 = ix0 - window.x0, iy0 - window.y0
     region = canvas[iy0:iy1, ix0:ix1]
     hole = mask[iy0:iy1, ix0:ix1]
-    if window.core is not None:
-        kx0, ky0, kx1, ky1 = window.core
-        in_core = np.zeros_like(hole)
-        in_core[max(ky0 - iy0, 0) : ky1 - iy0, max(kx0 - ix0, 0) : kx1 - ix0] = True
-        hole = hole & in_core
+    if window.paste_box is not None:
+        _paste_tile(
+            region, hole, values[cy0 : cy0 + iy1 - iy0, cx0 : cx0 + ix1 - ix0], window, ix0, iy0
+        )
+        return
     region[hole] = values[cy0 : cy0 + iy1 - iy0, cx0 : cx0 + ix1 - ix0][hole]
+
+
+def _paste_tile(
+    region: np.ndarray, hole: np.ndarray, values: np.ndarray, window: Window, ix0: int, iy0: int
+) -> None:
+    """Paste a tile's fill (`values`, over `region` whose top-left image pixel is (ix0, iy0))
+    on the hole pixels of its paste box: as is where no earlier tile pasted, else cross-faded
+    with what is there, from the earlier fill at the box's edge to this one a margin inside."""
+    x0, y0, x1, y1 = (v - o for v, o in zip(window.paste_box, (ix0, iy0, ix0, iy0), strict=True))
+    inside = np.zeros_like(hole)
+    inside[y0:y1, x0:x1] = True
+    covered = np.zeros_like(hole)
+    for bx0, by0, bx1, by1 in window.blend_with:
+        covered[max(by0 - iy0, 0) : max(by1 - iy0, 0), max(bx0 - ix0, 0) : max(bx1 - ix0, 0)] = True
+    pasted = hole & inside
+    fading = pasted & covered
+    region[pasted & ~covered] = values[pasted & ~covered]
+    if not fading.any():
+        return
+    kx0, ky0, kx1, ky1 = window.core
+    margin = max(1.0, TILE_OVERLAP * max(kx1 - kx0, ky1 - ky0))
+    rows, cols = np.nonzero(fading)
+    # distance into the paste box from its nearest edge: 0 there, a margin at the cell's edge
+    depth = np.minimum.reduce([cols - x0 + 0.5, x1 - cols - 0.5, rows - y0 + 0.5, y1 - rows - 0.5])
+    weight = np.clip(depth / (2 * margin), 0.0, 1.0)[:, None]
+    mixed = region[rows, cols] * (1 - weight) + values[rows, cols].astype(np.float32) * weight
+    region[rows, cols] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:

@@ -727,28 +727,52 @@ def test_a_long_thin_hole_is_tiled_and_every_hole_pixel_pasted_once():
     compact[300:340, 40:80] = True  # a compact hole keeps one window around all of it
     (box_window,) = hole_windows(compact, 16)
     assert box_window.core is None and box_window.side >= 40
-    # the cells lie inside their windows and take each hole pixel exactly once
-    pasted = np.zeros(mask.shape, int)
-    for window in tiles:
+    # the cells take each hole pixel exactly once; a tile pastes its cell and a margin, inside
+    # its window, and cross-fades with exactly the earlier tiles whose paste boxes it overlaps
+    owners = np.zeros(mask.shape, int)
+    for n, window in enumerate(tiles):
         x0, y0, x1, y1 = window.core
-        assert window.x0 <= x0 < x1 <= window.x0 + window.side
-        assert window.y0 <= y0 < y1 <= window.y0 + window.side
-        pasted[y0:y1, x0:x1] += mask[y0:y1, x0:x1]
-    assert (pasted[line > 0] == 1).all() and (pasted[line == 0] == 0).all()
-    # pasting changes exactly the hole pixels, however the windows overlap
+        owners[y0:y1, x0:x1] += mask[y0:y1, x0:x1]
+        px0, py0, px1, py1 = window.paste_box
+        assert window.x0 <= px0 <= x0 < x1 <= px1 <= window.x0 + window.side
+        assert window.y0 <= py0 <= y0 < y1 <= py1 <= window.y0 + window.side
+        overlapping = {
+            w.paste_box
+            for w in tiles[:n]
+            if w.paste_box[0] < px1 and px0 < w.paste_box[2]
+            and w.paste_box[1] < py1 and py0 < w.paste_box[3]
+        }  # fmt: skip
+        assert set(window.blend_with) == overlapping
+    assert (owners[mask] == 1).all() and (owners[~mask] == 0).all()
+    assert hole_windows(mask, 16) == found  # deterministic: window indices seed generators
+
+    # pasting the same colour everywhere gives that colour: the cross-fades add nothing
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (400, 600, 3), dtype=np.uint8)
     canvas = image.copy()
-    for k, window in enumerate(found):
+    for window in found:
         crop, hole = crop_window(image, mask, window, 16)
         assert hole.any()
-        paste_window(canvas, mask, window, np.full((16, 16, 3), k % 200 + 1, np.float32))
-    assert np.array_equal(canvas[~mask], image[~mask])
-    for window in tiles:  # a tile's cell holds its own fill, nobody else's
-        x0, y0, x1, y1 = window.core
-        cell = canvas[y0:y1, x0:x1][mask[y0:y1, x0:x1]]
-        assert (cell == found.index(window) % 200 + 1).all()
-    assert hole_windows(mask, 16) == found  # deterministic: window indices seed generators
+        paste_window(canvas, mask, window, np.full((16, 16, 3), 90, np.float32))
+    assert np.array_equal(canvas[~mask], image[~mask]) and (canvas[mask] == 90).all()
+
+
+def test_neighbouring_tiles_cross_fade_instead_of_meeting_at_a_seam():
+    mask = np.zeros((40, 400), bool)
+    mask[18:22, 10:390] = True  # a 4 px line: tiles of 16 px windows, 8 px cells
+    found = hole_windows(mask, 16)
+    assert len(found) > 20 and all(w.core is not None for w in found)
+    canvas = np.zeros((40, 400, 3), np.uint8)
+    for k, window in enumerate(found):  # the tiles' fills alternate black and white
+        paste_window(canvas, mask, window, np.full((16, 16, 3), 200.0 * (k % 2), np.float32))
+    row = canvas[20, 10:390, 0].astype(int)
+    for k, window in enumerate(found):
+        x0, _, x1, _ = window.core
+        margin = x0 + (x1 - x0) // 4 + 1, x1 - (x1 - x0) // 4 - 1
+        # deep inside its cell each tile's own fill; near the cell's edges a blend
+        assert (canvas[20, margin[0] : margin[1], 0] == 200 * (k % 2)).all()
+    steps = np.abs(np.diff(row))
+    assert steps.max() < 200 and len(set(row.tolist())) > 4  # no jump from black to white
 
 
 # ----------------------------------------------------------------------------- captions
