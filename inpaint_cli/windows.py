@@ -90,22 +90,33 @@ def _placed(
 
 def _with_blends(windows: list[Window]) -> list[Window]:
     """Each tile with the paste boxes of the earlier tiles in `windows` that overlap its own."""
-    tiles = [(i, w.paste_box) for i, w in enumerate(windows) if w.paste_box is not None]
-    if len(tiles) < 2:
+    boxes = [w.paste_box for w in windows if w.paste_box is not None]
+    if len(boxes) < 2:
         return windows
-    boxes = np.array([box for _, box in tiles])
-    out = list(windows)
-    for n, (i, (x0, y0, x1, y1)) in enumerate(tiles):
-        earlier = boxes[:n]
-        hits = (
-            (earlier[:, 0] < x1)
-            & (x0 < earlier[:, 2])
-            & (earlier[:, 1] < y1)
-            & (y0 < earlier[:, 3])
+    # Boxes are filed under every bucket they touch, so only near ones are compared (a photo
+    # full of specks can have tens of thousands of tiles).
+    bucket = max(max(b[2] - b[0], b[3] - b[1]) for b in boxes)
+    filed: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    out = []
+    for window in windows:
+        box = window.paste_box
+        if box is None:
+            out.append(window)
+            continue
+        keys = [
+            (bx, by)
+            for by in range(box[1] // bucket, (box[3] - 1) // bucket + 1)
+            for bx in range(box[0] // bucket, (box[2] - 1) // bucket + 1)
+        ]
+        near = dict.fromkeys(other for key in keys for other in filed.get(key, ()))
+        overlapping = tuple(
+            other
+            for other in near
+            if other[0] < box[2] and box[0] < other[2] and other[1] < box[3] and box[1] < other[3]
         )
-        out[i] = replace(
-            windows[i], blend_with=tuple(tuple(int(v) for v in b) for b in earlier[hits])
-        )
+        out.append(replace(window, blend_with=overlapping))
+        for key in keys:
+            filed.setdefault(key, []).append(box)
     return out
 
 
