@@ -85,10 +85,28 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
+def _pack_patterns(folder: Path) -> dict[str, str]:
+    """Split -> brace pattern of the shards in a folder `inpaint shards` wrote (its shards.json),
+    as paths under `folder`; empty when there is no readable record."""
+    try:
+        splits = json.loads((folder / "shards.json").read_text(encoding="utf-8"))["splits"]
+        return {
+            str(split): str(folder / Path(info["pattern"]).name)
+            for split, info in splits.items()
+            if isinstance(info, dict) and isinstance(info.get("pattern"), str)
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def missing_shard_message(url: str, wanted: str = "shard file") -> str:
     """Why a local shard URL names no file (`wanted`: what would have been accepted), with a
     hint for the two usual mistakes."""
     if Path(url).is_dir():
+        patterns = _pack_patterns(Path(url))
+        if patterns:  # a folder `inpaint shards` wrote: name its shards
+            listed = ", ".join(f"{split} '{pattern}'" for split, pattern in patterns.items())
+            return f"{url}: is a folder of shards, not a shard file; pass its patterns: {listed}"
         return (
             f"{url}: is a folder, not a shard file; pack it with `inpaint shards {url} OUT` first"
         )
@@ -105,6 +123,20 @@ def is_local_shard(url: str) -> bool:
     and anything with "://" is fetched. Looser than report._is_local_path (what gopen opens as
     a file), which also counts '-' (stdin) and any scheme ("gs:...") as not local."""
     return not url.startswith("pipe:") and "://" not in url
+
+
+def shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
+    """The text encoder `inpaint shards` recorded in shards.json beside the first local shard:
+    the one that made the shards' caption embeddings (None when unknown)."""
+    local = [url for url in urls if is_local_shard(url)]
+    if not local:
+        return None
+    summary = Path(local[0]).parent / "shards.json"
+    try:
+        record = json.loads(summary.read_text(encoding="utf-8")).get("text_encoder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_local(urls: list[str]) -> None:

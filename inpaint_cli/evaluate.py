@@ -357,21 +357,6 @@ def _folder_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _S
     return source
 
 
-def _shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
-    """The text encoder `inpaint shards` recorded in shards.json beside the first local shard."""
-    from inpaint_cli.data import is_local_shard
-
-    local = [url for url in urls if is_local_shard(url)]
-    if not local:
-        return None
-    summary = Path(local[0]).parent / "shards.json"
-    try:
-        record = json.loads(summary.read_text(encoding="utf-8")).get("text_encoder")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def _shard_mask(
     mask_folder: _MaskFolder, key: str, info: dict[str, Any], resolution: int
 ) -> np.ndarray:
@@ -473,7 +458,7 @@ def _shard_source(options: EvalOptions, resolution: int, warn: _Warnings) -> _So
         return skipped[0] + corrupt + bad_shard_count()
 
     source = _Source(options.data, items, options.limit or None, skipped_count)
-    source.text_encoder = _shard_encoder_record(urls)
+    source.text_encoder = data.shard_encoder_record(urls)
     source.bad_shards = bad_shard_count
     return source
 
@@ -1205,6 +1190,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             )
         model.config.caption_strength = float(options.caption_strength)
     warn = _Warnings(console)
+    if options.text_encoder is not None and not captions_used:
+        warn(f"{model_path}: the model has no text path; --text-encoder ignored")
     source = _open_source(options, resolution, warn)
     if options.caption_ablation and source.captions is not None:
         # A folder's captions are known before reading any image: refuse before the work.

@@ -433,6 +433,17 @@ def _model_config(config: TrainConfig, text_encoder: Any) -> Any:
             "(inpaint eval --caption-strength) and set it with inpaint export --caption-strength"
         )
     overrides: dict[str, Any] = {**config.model_config, "caption_dim": 0, "text_encoder": None}
+    recorded = _recorded_model_config(config) if text_encoder is not None else None
+    if recorded is not None and recorded.caption_dim and recorded.text_encoder:
+        from conditioning import check_same_encoder
+
+        # another encoder of the same size loads the checkpoint without complaint, and the run
+        # goes on learning from other embeddings under the first encoder's name
+        try:
+            check_same_encoder(recorded.text_encoder, text_encoder.identity())
+        except ValueError as error:
+            given = config.text_encoder or "the default text encoder"
+            raise InpaintError(f"--resume with {given}: {error}") from None
     if text_encoder is not None:
         overrides.update(
             caption_dim=text_encoder.dim,
@@ -508,6 +519,12 @@ def _warn_on_changes(
         accelerator.print(
             f"warning: resuming {folder} with changed {', '.join(changed)}: the run continues, "
             "but differs from an uninterrupted one"
+        )
+    if before.get("val_data") and not config.val_data:
+        best = saved.get("best_step")
+        accelerator.print(
+            f"warning: resuming without --val-data (the run had {before['val_data']}): no "
+            f"more validation, so best/ stays at step {best} and --patience cannot stop the run"
         )
 
 
@@ -613,6 +630,11 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def _path_from_anywhere(path: str | None) -> str | None:
+    """A local folder given on the command line, absolute (as given when it does not exist)."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
 def _shards_from_anywhere(spec: str | None) -> str | None:
     """`spec` (--data, --val-data) with its local paths made absolute, for run.json: `inpaint
     report` reads the shards from whatever folder it runs in. `pipe:` commands and URLs are
@@ -698,17 +720,44 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tenso
     return batch["image"].to(device, non_blocking=True), batch["mask"].to(device, non_blocking=True)
 
 
+def stored_embeddings_usable(
+    spec: str | None, text_encoder: Any, say: Callable[[str], None]
+) -> bool:
+    """Whether the caption embeddings stored in the shards of `spec` come from `text_encoder`
+    (as far as their shards.json tells); if not, says once that captions are embedded again.
+    Another encoder's embeddings of the same size would train silently on the wrong inputs,
+    under this encoder's name."""
+    from conditioning import check_same_encoder
+    from inpaint_cli.data import expand_urls, shard_encoder_record
+
+    if not spec or text_encoder is None:
+        return True
+    stored = shard_encoder_record(expand_urls(spec))
+    if stored is None:
+        return True
+    try:
+        check_same_encoder(text_encoder.identity(), stored)
+    except ValueError:
+        say(
+            f"note: {spec}: the caption embeddings in these shards come from text encoder "
+            f"'{stored.get('name')}', not the one training uses; captions are embedded again"
+        )
+        return False
+    return True
+
+
 def _caption_inputs(
     batch: dict[str, Any],
     text_encoder: Any,
     dropout: float,
     generator: torch.Generator,
     device: torch.device,
+    use_stored: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if text_encoder is None:
         return None, None
     captions = list(batch["caption"])
-    embedding = batch.get("caption_embedding")
+    embedding = batch.get("caption_embedding") if use_stored else None
     if embedding is None:
         embedding = text_encoder.encode(captions)
     elif embedding.shape[-1] != text_encoder.dim:
@@ -744,6 +793,7 @@ def validate(
     text_encoder: Any,
     val_kind: str,
     hole_area: tuple[float, float],
+    use_stored: bool = True,
 ) -> dict[str, Any] | None:
     """EMA model on the first `val_samples` validation images, masks fixed per sample key.
 
@@ -785,7 +835,7 @@ def validate(
             image, mask = _to_device(batch, accelerator.device)
             # dropout 0: every real caption is used, empty ones take the learned empty caption
             embedding, keep = _caption_inputs(
-                batch, text_encoder, 0.0, torch.Generator(), accelerator.device
+                batch, text_encoder, 0.0, torch.Generator(), accelerator.device, use_stored
             )
             with accelerator.autocast():
                 out = ema(image, mask, embedding, keep, score_fill=True)
@@ -1001,8 +1051,6 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     resume_from = ckpt.newest_complete(run_dir, _check_resumable) if config.resume else None
     if config.resume and resume_from is None:
         accelerator.print(f"{run_dir}: no complete checkpoint yet, starting from scratch")
-    if resume_from is not None:
-        _warn_on_changes(accelerator, resume_from, config, world)
     start_step = resume_from[1]["step"] if resume_from is not None else 0
     if start_step > config.steps:
         raise InpaintError(
@@ -1041,6 +1089,10 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     # folder is made, so an --init or text encoder that is refused leaves no empty folder
     text_encoder = _load_text_encoder(config, device)
     model_config = _model_config(config, text_encoder)
+    train_embeddings_usable = stored_embeddings_usable(config.data, text_encoder, accelerator.print)
+    val_embeddings_usable = stored_embeddings_usable(
+        config.val_data, text_encoder, accelerator.print
+    )
     from model.hvae import HVAE
 
     torch.manual_seed(config.seed)
@@ -1101,6 +1153,8 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
     if resume_from is not None:
         folder, saved = resume_from
         load_checkpoint(folder, accelerator, model, ema, optimizer, caption_generator)
+        # after the load, which refuses another architecture: no "continues" before that error
+        _warn_on_changes(accelerator, resume_from, config, world)
         skip_rule.load_state_dict(saved["skip_rule"])
         if saved.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
@@ -1122,6 +1176,8 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
             "device": str(device),
             "config": dataclasses.asdict(config)
             | {key: _shards_from_anywhere(getattr(config, key)) for key in ("data", "val_data")}
+            # `inpaint report` loads the encoder from whatever folder it runs in
+            | {key: _path_from_anywhere(getattr(config, key)) for key in ("text_encoder", "init")}
             # with --init the folder's config.json decides these (model_config has them)
             | ({"preset": None, "condition_all_layers": None} if config.init else {}),
             "model_config": dataclasses.asdict(model_config),
@@ -1224,7 +1280,12 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                     seen_keys.extend(keys[: KEYS_RECORDED_PER_RANK - len(seen_keys)])
                 image, mask = _to_device(batch, device)
                 embedding, keep = _caption_inputs(
-                    batch, text_encoder, config.caption_dropout, caption_generator, device
+                    batch,
+                    text_encoder,
+                    config.caption_dropout,
+                    caption_generator,
+                    device,
+                    train_embeddings_usable,
                 )
                 last = micro == config.grad_accum - 1
                 with nullcontext() if last else accelerator.no_sync(model):
@@ -1363,6 +1424,7 @@ def _train(config: TrainConfig, hooks: TrainHooks | None, held: ExitStack) -> di
                     text_encoder,
                     val_kind,
                     hole_area,
+                    val_embeddings_usable,
                 )
                 # no image decoded (every rank): checkpointed below, then training stops
                 val_failed = result is None

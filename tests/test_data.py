@@ -103,6 +103,19 @@ def test_a_folder_or_a_glob_gets_a_hint(tmp_path, five_shards) -> None:
     assert str(error.value) == (
         f"{folder}: is a folder, not a shard file; pack it with `inpaint shards {folder} OUT` first"
     )
+    packed = tmp_path / "packed"  # a folder inpaint shards wrote: its patterns are named
+    packed.mkdir()
+    splits = {
+        "train": {"pattern": "elsewhere/train-{000000..000002}.tar"},
+        "val": {"pattern": None},
+    }
+    (packed / "shards.json").write_text(json.dumps({"splits": splits}))
+    with pytest.raises(InpaintError) as error:
+        train_loader(str(packed), 8, 2, seed=0)
+    assert str(error.value) == (
+        f"{packed}: is a folder of shards, not a shard file; pass its patterns: "
+        f"train '{packed / 'train-{000000..000002}.tar'}'"
+    )
     glob = str(tmp_path / "part-*.tar")  # the shards exist, but * is not expanded
     with pytest.raises(InpaintError) as error:
         eval_loader(glob, 8, 2)

@@ -1230,6 +1230,57 @@ def test_captions_use_shard_embeddings_and_record_the_encoder(tmp_path, monkeypa
     assert CountingEncoder.instances[-1].calls == 2  # one encode per batch without embeddings
 
 
+def test_text_encoder_must_match_the_shards_embeddings_and_the_resumed_run(
+    tmp_path, monkeypatch, capsys
+):
+    """Shards embedded by one encoder trained silently under another's name, and a resume with
+    another encoder of the same size went on, so run and eval then refused the model."""
+    import conditioning
+
+    class OtherEncoder(CountingEncoder):
+        def identity(self):
+            return {"name": "other", "dim": 4, "weights_hash": "1" * 64}
+
+    def pick(path=None, device="cpu"):
+        return (OtherEncoder if path and Path(path).name == "other" else CountingEncoder)(path)
+
+    monkeypatch.setattr(conditioning, "TextEncoder", pick)
+    embedded = write_square_shards(tmp_path / "embedded", 16, 16, embeddings=True)
+    record = {"text_encoder": {"name": "counting", "dim": 4, "weights_hash": "0" * 64}}
+    (tmp_path / "embedded" / "shards.json").write_text(json.dumps(record))
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)  # a relative --text-encoder, as typed
+    out = tmp_path / "run"
+    CountingEncoder.instances.clear()
+    train(tiny(embedded, out, steps=2, captions=True, text_encoder="other", checkpoint_every=2))
+    printed = capsys.readouterr().out
+    assert "caption embeddings in these shards come from text encoder 'counting'" in printed
+    assert CountingEncoder.instances[-1].calls == 2  # every batch embedded again
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["text_encoder"]["name"] == "other"
+    # run.json names the encoder from anywhere: inpaint report loads it for its sample grid
+    recorded = json.loads((out / "run.json").read_text())["config"]["text_encoder"]
+    assert recorded == str(tmp_path / "other")
+    _reset_accelerate()
+    with pytest.raises(InpaintError, match="trained with text encoder 'other'"):
+        train(tiny(embedded, out, steps=4, captions=True, resume=True))
+    _reset_accelerate()
+    # the same encoder from another path is the same encoder: the resume goes on; without its
+    # --val-data it says that validation stops
+    val = write_square_shards(tmp_path / "val", 8, 8)
+    train(tiny(embedded, tmp_path / "run2", steps=2, captions=True, val_data=val, val_every=2,
+               val_samples=8, checkpoint_every=2))  # fmt: skip
+    capsys.readouterr()
+    _reset_accelerate()
+    train(tiny(embedded, tmp_path / "run2", steps=3, captions=True, resume=True))
+    assert "resuming without --val-data" in capsys.readouterr().out
+    _reset_accelerate()
+    # another architecture: refused, without first saying that the run continues
+    with pytest.raises(InpaintError):
+        train(tiny(embedded, tmp_path / "run2", steps=4, captions=False, resume=True))
+    assert "the run continues" not in capsys.readouterr().out
+
+
 def test_captions_on_shards_without_captions_are_warned_about_once(tmp_path, monkeypatch, capsys):
     import conditioning
     from inpaint_cli import train as train_module
