@@ -156,9 +156,10 @@ def plot_loss(train: list[dict[str, Any]], val: list[dict[str, Any]], path: Path
         ls=":",
     )
     steps, values = _series(val, "nll_bits_per_dim")
-    top.plot(steps, values, "o-", label="validation NLL (EMA)", color="tab:red", ms=3)
+    if steps:
+        top.plot(steps, values, "o-", label="validation NLL (EMA)", color="tab:red", ms=3)
     top.set_ylabel("bits per hole dimension")
-    top.set_title("Loss: train vs validation")
+    top.set_title("Loss: train vs validation" if steps else "Loss (no validation: no --val-data)")
     top.legend()
     top.grid(alpha=0.3)
 
@@ -351,7 +352,8 @@ def plot_samples(run_dir: Path, run: dict[str, Any], path: Path) -> bool:
         caption = batch["caption"][row] if "caption" in batch else ""
         if caption:
             axes[row][0].set_ylabel(caption[:28], fontsize=6)
-    figure.suptitle(f"EMA model, temperature {GRID_TEMPERATURE}", fontsize=9)
+    images = "validation" if config.get("val_data") else "training (the run had no --val-data)"
+    figure.suptitle(f"EMA model, temperature {GRID_TEMPERATURE}, {images} images", fontsize=9)
     _save_figure(figure, path)
     return True
 

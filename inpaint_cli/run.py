@@ -682,11 +682,22 @@ def run_folder(options: RunOptions) -> dict:
     if uses_captions and caption_dim == 0 and is_main:
         log.line(f"warning: {model_dir}: the model was trained without captions; captions ignored")
     captioned = uses_captions and caption_dim > 0
+    if caption_dim > 0 and not given and is_main:
+        folder = images if images.is_dir() else images.parent
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (folder / name).is_file():  # what `inpaint shards` and `inpaint eval` read
+                log.line(
+                    f"note: {folder / name} is not read by inpaint run on its own; pass "
+                    f"--caption-file {folder / name} to fill with its captions"
+                )
+                break
     if options.save_uncertainty and options.samples == 1 and is_main:
         log.line("warning: --save-uncertainty needs --samples 2 or more; no uncertainty maps")
 
-    if options.caption_strength is not None and caption_dim == 0 and is_main:
-        log.line(f"warning: {model_dir}: the model has no text path; --caption-strength ignored")
+    for option, value in (("--caption-strength", options.caption_strength),
+                          ("--text-encoder", options.text_encoder)):  # fmt: skip
+        if value is not None and caption_dim == 0 and is_main:
+            log.line(f"warning: {model_dir}: the model has no text path; {option} ignored")
     strength = run_plan.caption_strength(options, config) if captioned else None
     encoder_record = config.get("text_encoder") if captioned else None
     settings = run_plan.output_settings(options, model_dir, encoder_record, strength)

@@ -670,10 +670,13 @@ def find_model_dir(options: RunOptions) -> Path:
 
 
 def read_model_config(model_dir: Path) -> dict:
+    from model.hvae import HVAEConfig, training_folder_hint  # torch: run loads it next anyway
+
     config_path = model_dir / "config.json"
     if not model_dir.is_dir() or not config_path.is_file():
         raise InpaintError(
-            f"{model_dir}: not a model folder (needs config.json and model.safetensors)",
+            f"{model_dir}: not a model folder (needs config.json and model.safetensors)"
+            + training_folder_hint(model_dir),
             exit_code=2,
         )
     try:
@@ -682,8 +685,6 @@ def read_model_config(model_dir: Path) -> dict:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         raise InpaintError(f"{config_path}: invalid model config ({error})", exit_code=2) from None
-    from model.hvae import HVAEConfig  # torch: run loads it next anyway
-
     try:  # validated up front: later planning reads fields such as caption_dim
         HVAEConfig.from_dict(config)
     except (TypeError, ValueError) as error:

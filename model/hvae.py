@@ -565,6 +565,16 @@ class PixelMixture(nn.Module):
 # ----------------------------------------------------------------------------- the model
 
 
+def training_folder_hint(folder: Path) -> str:
+    """For a folder that is not a model folder: how to get one, when it is a training run or one
+    of its checkpoints (the usual mix-up), else ''."""
+    if (folder / "run.json").is_file():
+        return f"; it is a training run: use {folder / 'best'} (or inpaint export it)"
+    if (folder / "state.json").is_file():
+        return "; it is a training checkpoint: inpaint export RUN --step N makes a model folder"
+    return ""
+
+
 class HVAE(nn.Module):
     """Hierarchical VAE that fills the holes of an image, conditioned on the known pixels."""
 
@@ -899,6 +909,7 @@ class HVAE(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise ValueError(
                 f"{folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+                + training_folder_hint(folder)
             )
         try:
             config = HVAEConfig.from_dict(json.loads(config_path.read_text()))

@@ -628,6 +628,10 @@ def test_not_a_model_folder_and_bad_options(tmp_path: Path, mixed: dict):
     result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
                     "--model", tmp_path / "junk")  # fmt: skip
     assert result.exit_code == 2 and "not a model folder" in result.stderr
+    (tmp_path / "junk" / "run.json").write_text("{}")  # a training run: its best/ is the model
+    result = invoke(mixed["images"], "--masks", mixed["masks"], "--out", tmp_path / "o",
+                    "--model", tmp_path / "junk")  # fmt: skip
+    assert f"it is a training run: use {tmp_path / 'junk' / 'best'}" in result.stderr
     with pytest.raises(InpaintError) as error:
         run_folder(RunOptions(mixed["images"], mixed["masks"], tmp_path / "o", samples=0))
     assert error.value.exit_code == 2 and "--samples" in str(error.value)
@@ -890,6 +894,29 @@ def test_caption_model_uses_flag_file_and_sidecar(tmp_path, default_encoder_iden
     assert mixed["listed.png"] == red["listed.png"]  # from metadata.jsonl
     assert mixed["sidecar.png"] == red["sidecar.png"]  # from sidecar.txt
     assert mixed["plain.png"] not in (red["plain.png"], blue["plain.png"])  # no caption
+
+
+def test_a_metadata_file_in_images_is_named_when_not_used(tmp_path, default_encoder_identity):
+    """inpaint shards and inpaint eval read IMAGES/metadata.jsonl; inpaint run needs
+    --caption-file, and a user who just trained a caption model would not know."""
+    model = _caption_model(tmp_path / "model", default_encoder_identity)
+    images, masks = _caption_folder(tmp_path)
+    metadata = images / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "listed.png", "text": "a red apple"}) + "\n")
+    args = [images, "--masks", masks, "--out", tmp_path / "out", "--model", model, "--dry-run"]
+    note = f"note: {metadata} is not read by inpaint run on its own; pass --caption-file"
+    assert note in invoke(*args).stderr
+    assert note not in invoke(*args, "--caption-file", metadata).stderr
+
+
+def test_a_text_encoder_for_a_model_without_captions_is_said_to_be_ignored(
+    mixed, tiny_model, tmp_path
+):
+    result = invoke(*base_args(mixed, tiny_model, tmp_path / "out"), "--dry-run",
+                    "--text-encoder", tmp_path / "no-such-encoder")  # fmt: skip
+    assert f"warning: {tiny_model}: the model has no text path; --text-encoder ignored" in (
+        result.stderr
+    )
 
 
 def test_caption_strength_from_the_model_config_or_the_flag(tmp_path, default_encoder_identity):
