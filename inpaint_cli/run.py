@@ -727,6 +727,9 @@ def run_folder(options: RunOptions) -> dict:
     if strength is not None:
         model.config.caption_strength = strength
     encoder = _load_text_encoder(options, config, model_dir, device) if captioned else None
+    # every process has judged which outputs are done (from OUT's manifest and files) before
+    # the first one changes them: processes that disagree would split different lists
+    state.wait_for_everyone()
     with contextlib.ExitStack() as held:
         if is_main:
             try:
