@@ -85,18 +85,26 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     return urls
 
 
+def _pack_record(folder: Path) -> dict[str, Any]:
+    """The shards.json that `inpaint shards` wrote in `folder`; {} when absent or unreadable."""
+    try:
+        record = json.loads((folder / "shards.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _pack_patterns(folder: Path) -> dict[str, str]:
     """Split -> brace pattern of the shards in a folder `inpaint shards` wrote (its shards.json),
     as paths under `folder`; empty when there is no readable record."""
-    try:
-        splits = json.loads((folder / "shards.json").read_text(encoding="utf-8"))["splits"]
-        return {
-            str(split): str(folder / Path(info["pattern"]).name)
-            for split, info in splits.items()
-            if isinstance(info, dict) and isinstance(info.get("pattern"), str)
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    splits = _pack_record(folder).get("splits")
+    if not isinstance(splits, dict):
         return {}
+    return {
+        str(split): str(folder / Path(info["pattern"]).name)
+        for split, info in splits.items()
+        if isinstance(info, dict) and isinstance(info.get("pattern"), str)
+    }
 
 
 def missing_shard_message(url: str, wanted: str = "shard file") -> str:
@@ -131,11 +139,7 @@ def shard_encoder_record(urls: list[str]) -> dict[str, Any] | None:
     local = [url for url in urls if is_local_shard(url)]
     if not local:
         return None
-    summary = Path(local[0]).parent / "shards.json"
-    try:
-        record = json.loads(summary.read_text(encoding="utf-8")).get("text_encoder")
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = _pack_record(Path(local[0]).parent).get("text_encoder")
     return record if isinstance(record, dict) else None
 
 

@@ -283,9 +283,10 @@ def load_mask(
     rgb = image_to_rgb_uint8(img, background=(0, 0, 0))
     hole = np.asarray(Image.fromarray(rgb).convert("L")) >= 128
     brightest = rgb.max(axis=2)
+    alpha = has_alpha(img)
     if not hole.any():  # pure red is 76 in greyscale: read as grey, red paint is no hole
         hole = brightest >= 128
-    if notes is not None and not has_alpha(img):
+    if notes is not None and not alpha:
         grey_fraction = float(((brightest > 32) & (brightest < 224)).mean())
         if grey_fraction > PHOTO_MASK_GREY_FRACTION:
             notes.append(
@@ -293,7 +294,7 @@ def load_mask(
                 "pixels are neither near black nor near white); every pixel at 128 or brighter "
                 "is filled: paint the hole white on black"
             )
-    if has_alpha(img):
+    if alpha:
         rgba = np.asarray(img.convert("RGBA"))
         opaque = rgba[:, :, 3] >= 128
         if opaque.any() and not opaque.all():

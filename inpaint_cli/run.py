@@ -704,7 +704,7 @@ def run_folder(options: RunOptions) -> dict:
     earlier = run_plan.check_manifest(out, settings, options.overwrite)
     run_plan.check_foreign_files(items, options, out)
     sources = run_plan.input_sources(options, masks)
-    same_sources = run_plan.last_sources(out) == sources
+    same_sources = run_plan.last_sources(earlier) == sources
     redo_all = options.overwrite
     states = [
         "missing"

@@ -578,12 +578,12 @@ def input_sources(options: RunOptions, masks: Path) -> dict:
     }
 
 
-def last_sources(out: Path) -> dict | None:
-    """The input sources of the last run into OUT (None if unknown)."""
+def last_sources(manifest_lines: list[str]) -> dict | None:
+    """The input sources of the last run into OUT, from the manifest lines check_manifest kept
+    (None if unknown)."""
     try:
-        lines = (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
-        return json.loads([line for line in lines if line.strip()][-1]).get("inputs")
-    except (OSError, ValueError, IndexError, AttributeError):
+        return json.loads(manifest_lines[-1]).get("inputs")
+    except (ValueError, IndexError, AttributeError):
         return None
 
 

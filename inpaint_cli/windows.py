@@ -78,7 +78,7 @@ def _placed(
     window = Window(place(x0, x1, width), place(y0, y1, height), side)
     if not core:
         return window
-    margin = math.ceil(TILE_OVERLAP * max(x1 - x0, y1 - y0))
+    margin = math.ceil(_overlap(box))
     paste_box = (
         max(x0 - margin, window.x0, 0),
         max(y0 - margin, window.y0, 0),
@@ -86,6 +86,11 @@ def _placed(
         min(y1 + margin, window.y0 + side, height),
     )
     return replace(window, core=box, paste_box=paste_box)
+
+
+def _overlap(cell: tuple[int, int, int, int]) -> float:
+    """How far a tile pastes past its cell, and over how much it fades in."""
+    return TILE_OVERLAP * max(cell[2] - cell[0], cell[3] - cell[1])
 
 
 def _with_blends(windows: list[Window]) -> list[Window]:
@@ -300,8 +305,7 @@ def _paste_tile(
     region[pasted & ~covered] = values[pasted & ~covered]
     if not fading.any():
         return
-    kx0, ky0, kx1, ky1 = window.core
-    margin = max(1.0, TILE_OVERLAP * max(kx1 - kx0, ky1 - ky0))
+    margin = max(1.0, _overlap(window.core))
     rows, cols = np.nonzero(fading)
     # distance into the paste box from its nearest edge: 0 there, a margin at the cell's edge
     depth = np.minimum.reduce([cols - x0 + 0.5, x1 - cols - 0.5, rows - y0 + 0.5, y1 - rows - 0.5])
